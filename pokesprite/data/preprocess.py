@@ -1,0 +1,124 @@
+"""Preprocess stage: raw sprites -> composited 215x215 RGB PNGs, cleaned captions and a split.
+
+Output folder:
+    images/NNN.png   RGB, image_size x image_size, transparent pixels composited on the background
+    index.csv        number, name, split, caption (cleaned)
+    stats.json       counts, raw image sizes, caption lengths, split sizes
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pokesprite.config import DataConfig
+from pokesprite.data.raw import RawRecord, scan
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+_SPECIAL = re.compile(r"\[(?:CLS|SEP|PAD|UNK|MASK)\]|<\|?[a-z_]+\|?>|</?s>", re.IGNORECASE)
+_PUNCT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"',
+                        "\u2014": " - ", "\u2013": "-", "\u2212": "-"})
+
+
+def clean_caption(text: str) -> str:
+    """Normalise unicode and punctuation, drop tokenizer special tokens, collapse whitespace."""
+    text = unicodedata.normalize("NFKC", text).translate(_PUNCT)
+    text = _SPECIAL.sub(" ", text)
+    return re.sub(r"\s+", " ", text).strip().strip('"').strip()
+
+
+def to_square_rgb(im: Image.Image, size: int, background: tuple[int, int, int]) -> Image.Image:
+    """Composite onto ``background``, then fit into ``size`` x ``size`` keeping the aspect ratio."""
+    rgba = im.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, background + (255,))
+    rgb = Image.alpha_composite(canvas, rgba).convert("RGB")
+    if rgb.size == (size, size):
+        return rgb
+    w, h = rgb.size
+    scale = size / max(w, h)
+    resized = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    out = Image.new("RGB", (size, size), background)
+    out.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return out
+
+
+def split_numbers(numbers: list[int], fractions: tuple[float, float, float], seed: int) -> dict[int, str]:
+    """Deterministic split: a seeded permutation cut at round(n * cumulative fraction)."""
+    order = np.random.default_rng(seed).permutation(len(numbers))
+    n = len(numbers)
+    n_train = round(n * fractions[0])
+    n_val = round(n * (fractions[0] + fractions[1])) - n_train
+    out = {}
+    for rank, i in enumerate(order):
+        out[numbers[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return out
+
+
+def dataset_stats(records: list[RawRecord], captions: list[str], splits: dict[int, str],
+                  tokenizer=None) -> dict:
+    sizes = Counter()
+    for r in records:
+        with Image.open(r.image_path) as im:
+            sizes[f"{im.size[0]}x{im.size[1]} {im.mode}"] += 1
+    chars = np.array([len(c) for c in captions])
+
+    def describe(a):
+        return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
+                "max": int(a.max())}
+
+    stats = {
+        "sprites": len(records),
+        "image_sizes": dict(sizes.most_common()),
+        "caption_chars": describe(chars),
+        "splits": {s: sum(1 for v in splits.values() if v == s) for s in SPLITS},
+    }
+    if tokenizer is not None:
+        tokens = np.array([len(ids) for ids in tokenizer(captions)["input_ids"]])
+        stats["caption_tokens"] = describe(tokens)
+        stats["caption_tokens"]["tokenizer"] = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    return stats
+
+
+def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, tokenizer=None) -> dict:
+    """Run the preprocess stage; returns the stats written to ``out_dir/stats.json``."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    records = scan(raw_dir)
+    captions = [clean_caption(r.caption) for r in records]
+    for r, c in zip(records, captions):
+        if not c:
+            raise ValueError(f"{raw_dir}: caption of national number {r.number} is empty after cleaning")
+    splits = split_numbers([r.number for r in records], cfg.split, seed)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (staging / "images").mkdir()
+        for r in tqdm(records, desc="preprocess", unit="img", disable=None):
+            with Image.open(r.image_path) as im:
+                to_square_rgb(im, cfg.image_size, cfg.background).save(staging / "images" / f"{r.number:03d}.png")
+        with open(staging / "index.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["number", "name", "split", "caption"])
+            for r, c in zip(records, captions):
+                w.writerow([r.number, r.name, splits[r.number], c])
+        stats = dataset_stats(records, captions, splits, tokenizer)
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("preprocessed %d sprites into %s: %s", len(records), out_dir, stats["splits"])
+    return stats

@@ -1,0 +1,94 @@
+"""VAE: 215x215x3 images <-> 27x27x8 latents.
+
+The image is padded to 216 (replicating the last row and column) so that three stride-2
+downsamples give 216 -> 108 -> 54 -> 27 exactly; the decoder returns 216 and crops back to 215.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pokesprite.config import VAEConfig
+from pokesprite.models.layers import Downsample, ResBlock, Upsample
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.channels, cfg.groups
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        c_prev = ch[0]
+        for i, c in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(c_prev, c, groups=g))
+                c_prev = c
+            if i < len(ch) - 1:
+                blocks.append(Downsample(c))
+        blocks.append(ResBlock(c_prev, c_prev, groups=g))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(g, c_prev)
+        self.conv_out = nn.Conv2d(c_prev, 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.blocks(self.conv_in(x))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * latent_channels, 27, 27)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.channels[::-1], cfg.groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid = ResBlock(ch[0], ch[0], groups=g)
+        blocks: list[nn.Module] = []
+        c_prev = ch[0]
+        for i, c in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(c_prev, c, groups=g))
+                c_prev = c
+            if i < len(ch) - 1:
+                blocks.append(Upsample(c))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(g, c_prev)
+        self.conv_out = nn.Conv2d(c_prev, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.blocks(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 216, 216)
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.padded = cfg.image_size + (-cfg.image_size) % 8
+        self.latent_size = self.padded // 8
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, 215, 215) in [-1, 1] -> mean, logvar, each (B, latent_channels, 27, 27)."""
+        pad = self.padded - x.shape[-1]
+        x = F.pad(x, (0, pad, 0, pad), mode="replicate")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_channels, 27, 27) -> (B, 3, 215, 215), unbounded (clamp to [-1, 1] for display)."""
+        s = self.cfg.image_size
+        return self.decoder(z)[..., :s, :s]
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        mean, logvar = self.encode(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        return self.decode(z), mean, logvar
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged over elements and batch (nats)."""
+    return (0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)).mean()

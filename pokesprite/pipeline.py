@@ -1,0 +1,102 @@
+"""Text -> sprites: the combined model (text encoder + U-Net + schedule + VAE decoder).
+
+Used by the training stages for sample grids, by the registered MLflow model and by the CLI.
+A saved pipeline is one folder, loadable without the repository or the network:
+
+    pipeline.pt      VAE, U-Net and text projection weights, the configs that built them,
+                     the schedule config, the latent scale and the default number of steps
+    text_encoder/    the (fine-tuned) transformer and its tokenizer, in Hugging Face format
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pokesprite.config import ScheduleConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from pokesprite.data.dataset import to_uint8
+from pokesprite.diffusion.samplers import DDPMSampler
+from pokesprite.diffusion.schedule import NoiseSchedule
+from pokesprite.models.text import TextEncoder
+from pokesprite.models.unet import UNet
+from pokesprite.models.vae import VAE
+from pokesprite.train.common import atomic_save
+
+PIPELINE_FILE = "pipeline.pt"
+TEXT_DIR = "text_encoder"
+
+
+class SpritePipeline:
+    def __init__(self, vae: VAE, unet: UNet, text: TextEncoder, schedule: NoiseSchedule, *,
+                 latent_scale: float, sample_steps: int):
+        self.vae, self.unet, self.text, self.schedule = vae, unet, text, schedule
+        self.latent_scale = latent_scale
+        self.sample_steps = sample_steps
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None) -> np.ndarray:
+        """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        modules = (self.vae, self.unet, self.text)
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            device = self.device
+            g = torch.Generator().manual_seed(int(seed))
+            tok = self.text.tokenize(prompts, device)
+            context = self.text(**tok)  # (N, L, dim)
+            sampler = DDPMSampler(self.schedule, int(num_steps or self.sample_steps))
+            c, s = self.unet.cfg.latent_channels, self.vae.latent_size
+            x = torch.randn((len(prompts), c, s, s), generator=g).to(device)
+            for i, t in enumerate(sampler.timesteps):
+                eps = self.unet(x, t.repeat(len(prompts)).to(device), context, tok["attention_mask"])
+                x = sampler.step(eps, i, x, generator=g)
+            images = self.vae.decode(x / self.latent_scale)
+            return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        finally:
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
+
+    def save(self, directory: Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.text.save_transformer(directory / TEXT_DIR)
+        atomic_save({
+            "kind": "pipeline",
+            "vae": {"config": to_dict(self.vae.cfg), "state_dict": self.vae.state_dict()},
+            "unet": {"config": to_dict(self.unet.cfg), "state_dict": self.unet.state_dict()},
+            "text": {"dim": self.text.proj.out_features, "max_tokens": self.text.max_tokens,
+                     "proj": self.text.proj.state_dict()},
+            "schedule": to_dict(self.schedule.cfg),
+            "latent_scale": self.latent_scale,
+            "sample_steps": self.sample_steps,
+        }, directory / PIPELINE_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> "SpritePipeline":
+        directory = Path(directory)
+        path = directory / PIPELINE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a saved pokesprite pipeline")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        vae = VAE(from_dict(VAEConfig, ckpt["vae"]["config"], "vae"))
+        vae.load_state_dict(ckpt["vae"]["state_dict"])
+        text = TextEncoder.from_pretrained(str(directory / TEXT_DIR), dim=ckpt["text"]["dim"],
+                                           max_tokens=ckpt["text"]["max_tokens"])
+        text.proj.load_state_dict(ckpt["text"]["proj"])
+        unet = UNet(from_dict(UNetConfig, ckpt["unet"]["config"], "unet"), context_dim=ckpt["text"]["dim"])
+        unet.load_state_dict(ckpt["unet"]["state_dict"])
+        schedule = NoiseSchedule(from_dict(ScheduleConfig, ckpt["schedule"], "schedule"))
+        for m in (vae, unet, text):
+            m.to(device).eval()
+        return cls(vae, unet, text, schedule, latent_scale=ckpt["latent_scale"], sample_steps=ckpt["sample_steps"])

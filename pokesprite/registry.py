@@ -1,0 +1,83 @@
+"""The combined model as an MLflow pyfunc, its registration and aliases.
+
+The logged model carries the pipeline folder (weights, configs, the fine-tuned text encoder and
+its tokenizer) and the ``pokesprite`` package source, so loading it needs neither the network nor
+a checkout of this repository:
+
+    model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
+    images = model.predict(["a small green creature with a bulb on its back"], params={"seed": 0})
+    # images: (N, 215, 215, 3) uint8
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import pokesprite
+from pokesprite.tracking import configure_mlflow  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY)
+
+import mlflow  # noqa: E402
+from mlflow.models import infer_signature  # noqa: E402
+
+CHAMPION = "champion"
+DEFAULT_PARAMS = {"seed": 0, "num_steps": 0}  # num_steps 0 = the model's own default
+REQUIREMENTS = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml"]
+
+
+def prompts_from_input(model_input) -> list[str]:
+    """Accept a list of strings, a single string, a pandas Series/DataFrame (first column) or an array."""
+    import pandas as pd
+
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        model_input = model_input[col]
+    prompts = [str(p) for p in list(model_input)]
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+class SpriteModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around ``SpritePipeline``: prompts in, (N, 215, 215, 3) uint8 sprites out."""
+
+    def load_context(self, context):
+        import torch
+
+        from pokesprite.pipeline import SpritePipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
+
+    def predict(self, context, model_input, params=None):
+        params = {**DEFAULT_PARAMS, **(params or {})}
+        return self.pipeline(prompts_from_input(model_input), seed=int(params["seed"]),
+                             num_steps=int(params["num_steps"]) or None)
+
+
+def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, name: str = "model"):
+    """Log the pipeline folder as a pyfunc model to the active run (and register it when a name is given)."""
+    example_out = np.zeros((1, 215, 215, 3), dtype=np.uint8)
+    signature = infer_signature(["a small green creature with a bulb on its back"], example_out,
+                                params=DEFAULT_PARAMS)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=SpriteModel(),
+        artifacts={"pipeline": str(pipeline_dir)},
+        code_paths=[str(Path(pokesprite.__file__).parent)],
+        signature=signature,
+        pip_requirements=REQUIREMENTS,
+        registered_model_name=registered_model_name,
+    )
+
+
+def set_champion_if_none(name: str, version: str | int) -> bool:
+    """Give ``version`` the alias ``champion`` when the registered model has no champion yet."""
+    client = mlflow.MlflowClient()
+    aliases = client.get_registered_model(name).aliases
+    if CHAMPION in aliases:
+        return False
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return True

@@ -1,0 +1,103 @@
+"""Experiment tracking behind one small interface.
+
+``Tracker`` keeps metrics in memory only (tests, quick runs); ``MlflowTracker`` also writes them to
+the active MLflow run. Tracking defaults to a sqlite database under ``mlruns/`` with artifacts
+beside it; ``MLFLOW_TRACKING_URI`` overrides it (a server, another database).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+STORE_DIR = "mlruns"
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    root = Path(root or Path.cwd()).resolve()
+    return f"sqlite:///{root / STORE_DIR / 'mlflow.db'}"
+
+
+def configure_mlflow(root: Path | None = None) -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or the project's ``mlruns/mlflow.db``; return the URI."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, root: Path | None = None) -> str:
+    """Create ``name`` with its artifacts under ``mlruns/artifacts`` (not the sqlite default ./mlartifacts)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    """Collects per-epoch metrics; subclasses also send them somewhere."""
+
+    def __init__(self):
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append((step, float(v)))
+
+    def log_image(self, image, name: str) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+
+class MlflowTracker(Tracker):
+    """Writes to the currently active MLflow run."""
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        super().log_metrics(metrics, step)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, image, name: str) -> None:
+        import mlflow
+
+        mlflow.log_image(image, name)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_json(data: dict, name: str) -> None:
+    """Log a dict as a JSON artifact of the active run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        import json
+
+        path.write_text(json.dumps(data, indent=2))
+        mlflow.log_artifact(str(path))

@@ -1,0 +1,78 @@
+"""What every stage trainer shares: seeding, optimiser, atomic checkpoints, sample grids."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, kind: str) -> dict:
+    """Load a checkpoint written by a pokesprite trainer and check it is of the expected kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (train the {kind} stage first, or pass its path)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a {kind} checkpoint, found {found!r}")
+    return ckpt
+
+
+def image_grid(images: np.ndarray, cols: int) -> Image.Image:
+    """(N, H, W, 3) uint8 -> one PIL image, ``cols`` per row, 2 px white gutters."""
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = img
+    return Image.fromarray(grid)
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
