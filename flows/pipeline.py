@@ -1,8 +1,9 @@
 """Prefect flows: one per stage, and ``pipeline`` that runs the four stages as tasks in order.
 
-Retries come from params.yaml (section ``prefect``). Without ``PREFECT_API_URL`` Prefect runs an
-embedded API (flow runs are kept in ``~/.prefect`` and appear in ``prefect server start``'s UI);
-with it set, runs are reported to that server.
+Each task is one line around a ``pokesprite.stages`` function; retries come from params.yaml
+(section ``prefect``). Without ``PREFECT_API_URL`` Prefect runs an embedded API (flow runs are kept
+in ``~/.prefect`` and appear in ``prefect server start``'s UI); with it set, runs are reported to
+that server.
 """
 from __future__ import annotations
 
@@ -17,37 +18,66 @@ from pokesprite import stages
 from pokesprite.config import Params, load_params
 
 
-def _tags() -> dict:
+def lineage() -> dict:
+    """MLflow tags that tie a stage's run to the Prefect flow run that executed it."""
     return {"prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": str(flow_run.name)}
 
 
-def _stage_task(name: str):
-    runner = stages.RUNNERS[name]
-
-    def run(params: Params, root: str = ".") -> dict:
-        return runner(params, root=root, tags=_tags())
-
-    run.__name__ = f"{name}_task"
-    return task(run, name=name, cache_policy=NO_CACHE, log_prints=True)
+@task(name="preprocess", cache_policy=NO_CACHE)
+def preprocess_task(params: Params, root: str = ".") -> dict:
+    return stages.run_preprocess(params, root=root, tags=lineage())
 
 
-TASKS = {name: _stage_task(name) for name in stages.STAGES}
+@task(name="vae", cache_policy=NO_CACHE)
+def vae_task(params: Params, root: str = ".") -> dict:
+    return stages.run_vae(params, root=root, tags=lineage())
 
 
-def _with_retries(name: str, params: Params):
-    return TASKS[name].with_options(retries=params.prefect.retries,
-                                    retry_delay_seconds=params.prefect.retry_delay_seconds)
+@task(name="diffusion", cache_policy=NO_CACHE)
+def diffusion_task(params: Params, root: str = ".") -> dict:
+    return stages.run_diffusion(params, root=root, tags=lineage())
 
 
-@flow(name="pokesprite-stage", flow_run_name="{stage}", log_prints=True)
-def stage_flow(stage: str, params_file: str = "params.yaml", root: str = ".") -> dict:
-    """Run one stage (preprocess, vae, diffusion or finetune) as a Prefect task."""
+@task(name="finetune", cache_policy=NO_CACHE)
+def finetune_task(params: Params, root: str = ".") -> dict:
+    return stages.run_finetune(params, root=root, tags=lineage())
+
+
+TASKS = {"preprocess": preprocess_task, "vae": vae_task, "diffusion": diffusion_task, "finetune": finetune_task}
+
+
+def run_task(name: str, params_file: str, root: str) -> dict:
     params = load_params(Path(root) / params_file)
-    return _with_retries(stage, params)(params, root)
+    retrying = TASKS[name].with_options(retries=params.prefect.retries,
+                                        retry_delay_seconds=params.prefect.retry_delay_seconds)
+    return retrying(params, root)
 
 
-@flow(name="pokesprite-pipeline", log_prints=True)
+@flow(name="pokesprite-preprocess")
+def preprocess_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("preprocess", params_file, root)
+
+
+@flow(name="pokesprite-vae")
+def vae_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("vae", params_file, root)
+
+
+@flow(name="pokesprite-diffusion")
+def diffusion_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("diffusion", params_file, root)
+
+
+@flow(name="pokesprite-finetune")
+def finetune_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("finetune", params_file, root)
+
+
+@flow(name="pokesprite-pipeline")
 def pipeline_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    """preprocess -> vae -> diffusion -> finetune, each a task with retries."""
-    params = load_params(Path(root) / params_file)
-    return {name: _with_retries(name, params)(params, root) for name in stages.STAGES}
+    """preprocess -> vae -> diffusion -> finetune in one flow run, each stage a task with retries."""
+    return {name: run_task(name, params_file, root) for name in stages.STAGES}
+
+
+FLOWS = {"preprocess": preprocess_flow, "vae": vae_flow, "diffusion": diffusion_flow, "finetune": finetune_flow,
+         "pipeline": pipeline_flow}

@@ -21,12 +21,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from flows.pipeline import pipeline_flow, stage_flow
+    from flows.pipeline import FLOWS
 
-    if args.stage == "pipeline":
-        pipeline_flow(params_file=args.params)
-    else:
-        stage_flow(stage=args.stage, params_file=args.params)
+    FLOWS[args.stage](params_file=args.params)
     return 0
 
 

@@ -56,7 +56,7 @@ def cmd_generate(args) -> int:
     import mlflow
 
     from pokesprite.tracking import configure_mlflow
-    from pokesprite.train.common import save_image_atomic
+    from pokesprite.images import save_image_atomic
     from PIL import Image
 
     configure_mlflow()

@@ -20,7 +20,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pokesprite.config import Params, flatten, to_dict
@@ -104,22 +103,14 @@ def _finish(stage: str, metrics: dict, layout: Layout, started: float) -> dict:
 
 
 def run_preprocess(params: Params, *, root: str | Path = ".", tags: dict | None = None) -> dict:
-    from pokesprite.data.preprocess import preprocess
+    from pokesprite.data.preprocess import preprocess, preview_grid
     from pokesprite.models.text import load_tokenizer
-    from pokesprite.train.common import image_grid
 
     layout, started = Layout(root), time.perf_counter()
     with stage_run("preprocess", params, ("seed", "data", "text"), layout, tags) as (tracker, _):
         stats = preprocess(params.data, raw_dir=layout.raw, out_dir=layout.processed, seed=params.seed,
                            tokenizer=load_tokenizer(params.text.model))
-        from pokesprite.data.dataset import read_index
-        from PIL import Image
-
-        rows = read_index(layout.processed)
-        picks = [r for s in ("train", "val", "test") for r in [x for x in rows if x["split"] == s][:4]]
-        images = np.stack([np.asarray(Image.open(layout.processed / "images" / f"{r['number']:03d}.png"))
-                           for r in picks])
-        tracker.log_image(image_grid(images, cols=4), "sprites_train_val_test.png")
+        tracker.log_image(preview_grid(layout.processed), "sprites_train_val_test.png")
         tracker.log_artifact(layout.processed / "stats.json")
         metrics = {"sprites": stats["sprites"], **{f"{k}_size": v for k, v in stats["splits"].items()},
                    "caption_chars_median": stats["caption_chars"]["median"]}
@@ -172,6 +163,3 @@ def run_finetune(params: Params, *, root: str | Path = ".", tags: dict | None = 
         promoted = set_champion_if_none(name, version)
         log.info("registered %s version %s%s", name, version, " as champion" if promoted else "")
         return _finish("finetune", {**metrics, "registered_version": int(version)}, layout, started)
-
-
-RUNNERS = {"preprocess": run_preprocess, "vae": run_vae, "diffusion": run_diffusion, "finetune": run_finetune}

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pokesprite.config import DataConfig
 from pokesprite.data.raw import RawRecord, scan
+from pokesprite.images import image_grid
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -122,3 +123,13 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
         raise
     log.info("preprocessed %d sprites into %s: %s", len(records), out_dir, stats["splits"])
     return stats
+
+
+def preview_grid(processed_dir: Path, per_split: int = 4):
+    """The first ``per_split`` sprites of each split, one row per split (train, val, test)."""
+    with open(Path(processed_dir) / "index.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    picks = [r for s in SPLITS for r in [x for x in rows if x["split"] == s][:per_split]]
+    images = np.stack([np.asarray(Image.open(Path(processed_dir) / "images" / f"{int(r['number']):03d}.png"))
+                       for r in picks])
+    return image_grid(images, cols=per_split)

@@ -23,7 +23,8 @@ from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import atomic_save, image_grid, load_checkpoint, make_optimizer, seed_everything
+from pokesprite.images import image_grid
+from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, seed_everything
 from pokesprite.train.vae import load_vae
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from pokesprite.config import DataConfig, VAEConfig, VAEStageConfig, from_dict, 
 from pokesprite.data.dataset import SpriteDataset, to_uint8
 from pokesprite.models.vae import VAE, kl_divergence
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import atomic_save, image_grid, load_checkpoint, make_optimizer, seed_everything
+from pokesprite.images import image_grid
+from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, seed_everything
 
 log = logging.getLogger(__name__)
 GRID_IMAGES = 8

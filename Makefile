@@ -1,0 +1,52 @@
+# pokesprite: `make repro` trains the whole pipeline, `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Dataset to import when data/ is absent (a folder or a .zip of the same layout).
+POKESPRITE_DATA_SOURCE ?= ../shared/pokemon
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
+export POKESPRITE_DATA_SOURCE
+
+.PHONY: install data repro test ui
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+# Import the raw dataset if needed, then check it is exactly the version recorded in data.dvc.
+data: install
+	@test -d data || $(BIN)/pokesprite data import "$(POKESPRITE_DATA_SOURCE)"
+	@mkdir -p .dvc/tmp && cp data.dvc .dvc/tmp/data.dvc.expected
+	@$(BIN)/dvc commit --force --quiet data.dvc
+	@if ! cmp -s data.dvc .dvc/tmp/data.dvc.expected; then \
+		cp .dvc/tmp/data.dvc.expected data.dvc; \
+		echo "error: data/ does not match the dataset recorded in data.dvc."; \
+		echo "Remove data/ and run 'make data' again, or, to adopt a new dataset version, 'dvc add data' and commit data.dvc."; \
+		exit 1; \
+	fi
+	@$(BIN)/dvc status data.dvc
+
+repro: data
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/pytest
+
+# Prefect UI on http://127.0.0.1:4200 and MLflow UI on http://127.0.0.1:5000 (Ctrl-C stops both).
+ui: install
+	@echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000"
+	@trap 'kill 0' INT TERM; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
+		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts & \
+	wait

@@ -1,0 +1,156 @@
+import csv
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pokesprite.data import raw
+from pokesprite.data.dataset import SpriteDataset, to_uint8, to_unit_range
+from pokesprite.data.preprocess import clean_caption, preprocess, split_numbers, to_square_rgb
+
+from conftest import N_SPRITES, make_subset
+
+
+def test_import_copies_bytes_and_validates(raw_subset, tmp_path):
+    records = raw.import_dataset(raw_subset, tmp_path / "data")
+    assert [r.number for r in records] == list(range(1, N_SPRITES + 1))
+    assert records[0].name == "Bulbasaur" and records[0].caption.startswith("Bulbasaur;")
+    for name in ("001.png", "016.png"):
+        assert (tmp_path / "data/small_images" / name).read_bytes() == (raw_subset / "small_images" / name).read_bytes()
+    assert (tmp_path / "data/pokemon.csv").read_bytes() == (raw_subset / "pokemon.csv").read_bytes()
+
+
+def test_import_from_zip_matches_folder(raw_subset, tmp_path):
+    archive = tmp_path / "pokemon.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in raw_subset.rglob("*"):
+            z.write(f, f"pokemon/{f.relative_to(raw_subset)}")
+    raw.import_dataset(archive, tmp_path / "from_zip")
+    raw.import_dataset(raw_subset, tmp_path / "from_dir")
+    files = sorted(p.relative_to(tmp_path / "from_dir") for p in (tmp_path / "from_dir").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "from_zip") for p in (tmp_path / "from_zip").rglob("*")
+                           if p.is_file())
+    for f in files:
+        assert (tmp_path / "from_zip" / f).read_bytes() == (tmp_path / "from_dir" / f).read_bytes()
+
+
+def test_import_replaces_existing_destination(raw_subset, tmp_path):
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / "stale.txt").write_text("old")
+    raw.import_dataset(raw_subset, dest)
+    assert not (dest / "stale.txt").exists()
+
+
+def broken_copy(raw_subset, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(raw_subset, bad)
+    return bad
+
+
+def test_missing_caption_names_the_file(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    shutil.copyfile(bad / "small_images/001.png", bad / "small_images/017.png")
+    with pytest.raises(raw.DatasetError, match=r"017\.png: national number 17 has no caption"):
+        raw.import_dataset(bad, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_corrupt_image_names_the_file(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    (bad / "small_images/005.png").write_bytes(b"not a png")
+    with pytest.raises(raw.DatasetError, match=r"005\.png: not a readable image"):
+        raw.import_dataset(bad, tmp_path / "data")
+
+
+def test_empty_caption_names_the_line(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    lines = (bad / "text_description_concat.csv").read_text(encoding="utf-8").splitlines()
+    lines[2] = "   "
+    (bad / "text_description_concat.csv").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(raw.DatasetError, match=r"line 3: empty caption"):
+        raw.scan(bad)
+
+
+def test_table_without_header_column_is_named(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    (bad / "pokemon.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(raw.DatasetError, match="national_number"):
+        raw.scan(bad)
+
+
+def test_clean_caption():
+    assert clean_caption("  It\u2019s  a [CLS] \u201cseed\u201d\u2014Pok\u00e9mon\n ") == "It's a \"seed\" - Pok\u00e9mon"
+
+
+def test_composite_onto_background():
+    im = Image.new("RGBA", (215, 215), (0, 0, 0, 0))
+    im.putpixel((10, 10), (200, 0, 0, 255))
+    im.putpixel((20, 20), (0, 0, 200, 128))
+    out = np.asarray(to_square_rgb(im, 215, (255, 255, 255)))
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[10, 10]) == (200, 0, 0)
+    assert tuple(out[20, 20]) == (127, 127, 227)  # half-transparent blue over white
+    assert tuple(np.asarray(to_square_rgb(im, 215, (0, 0, 0)))[0, 0]) == (0, 0, 0)
+
+
+def test_resize_keeps_aspect_ratio_and_pads():
+    im = Image.new("RGBA", (500, 250), (255, 0, 0, 255))  # a 2:1 red bar
+    out = np.asarray(to_square_rgb(im, 215, (255, 255, 255)))
+    assert out.shape == (215, 215, 3)
+    red_rows = np.where((out[:, 107] == (255, 0, 0)).all(axis=1))[0]
+    assert 105 <= len(red_rows) <= 109  # 215 * 250 / 500, centred
+    assert tuple(out[0, 107]) == (255, 255, 255) and tuple(out[-1, 107]) == (255, 255, 255)
+
+
+def test_split_is_deterministic_with_the_right_sizes():
+    numbers = list(range(1, 899))
+    a = split_numbers(numbers, (0.8, 0.15, 0.05), seed=0)
+    assert a == split_numbers(numbers, (0.8, 0.15, 0.05), seed=0)
+    assert a != split_numbers(numbers, (0.8, 0.15, 0.05), seed=1)
+    sizes = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
+    assert sizes == {"train": 718, "val": 135, "test": 45}
+
+
+def test_preprocess_outputs(processed):
+    with open(processed / "index.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == N_SPRITES
+    assert {r["split"] for r in rows} <= {"train", "val", "test"}
+    stats = json.loads((processed / "stats.json").read_text())
+    assert stats["sprites"] == N_SPRITES and stats["image_sizes"] == {"215x215 RGBA": N_SPRITES}
+    im = Image.open(processed / "images/001.png")
+    assert im.size == (215, 215) and im.mode == "RGB"
+
+
+def test_preprocess_resizes_odd_sizes(full_source, tiny_params, tmp_path):
+    # #10 onwards are 215 px; swap in one of the four large sprites (500x500) as #3.
+    src = make_subset(full_source, tmp_path / "src", n=4)
+    big = next(p for p in sorted((full_source / "small_images").iterdir()) if Image.open(p).size != (215, 215))
+    shutil.copyfile(big, src / "small_images/003.png")
+    out = tmp_path / "out"
+    stats = preprocess(tiny_params.data, raw_dir=src, out_dir=out, seed=0)
+    assert Image.open(out / "images/003.png").size == (215, 215)
+    assert sum(stats["image_sizes"].values()) == 4 and len(stats["image_sizes"]) == 2
+
+
+def test_dataset_range_and_augmentation(processed, tiny_params):
+    plain = SpriteDataset(processed, "train", tiny_params.data)
+    x, i = plain[0]
+    assert x.shape == (3, 215, 215) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.max() == 1.0  # white background maps to 1
+    assert torch.equal(plain[0][0], plain[0][0])
+    aug = SpriteDataset(processed, "train", tiny_params.data, augment=True)
+    torch.manual_seed(0)
+    assert any(not torch.equal(aug[0][0], x) for _ in range(5))
+    val = SpriteDataset(processed, "val", tiny_params.data)
+    assert val.transform is None
+
+
+def test_unit_range_round_trip():
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_unit_range(u)), u)

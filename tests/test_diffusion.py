@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from pokesprite.config import ScheduleConfig
+from pokesprite.diffusion.samplers import DDPMSampler
+from pokesprite.diffusion.schedule import NoiseSchedule, cosine_alphas_cumprod
+
+
+def closed_form(t, T=1000, s=0.008):
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return f(t) / f(0)
+
+
+def test_cosine_schedule_matches_closed_form():
+    ab = cosine_alphas_cumprod(1000)
+    for t in (1, 10, 250, 500, 750, 900, 990):
+        assert ab[t - 1].item() == pytest.approx(closed_form(t), rel=1e-9)
+
+
+def test_betas_capped_and_alpha_bar_reaches_zero():
+    ab = cosine_alphas_cumprod(1000)
+    betas = 1 - ab / torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+    assert betas.max().item() == pytest.approx(0.999)
+    assert (betas[1:] >= betas[:-1] - 1e-12).all()  # betas only grow
+    assert ab[-1].item() < 1e-6  # pure noise at t = T
+    # The original project clipped betas to [1e-4, 0.02], leaving alpha_bar_T ~ 0.003: not here.
+    clipped = torch.cumprod(1 - betas.clamp(1e-4, 0.02), 0)
+    assert clipped[-1].item() == pytest.approx(0.0031, abs=5e-4)
+    assert ab[-1].item() < clipped[-1].item() / 1000
+
+
+def test_add_noise_and_predict_x0_invert():
+    sched = NoiseSchedule(ScheduleConfig())
+    x0, noise = torch.randn(4, 8, 27, 27), torch.randn(4, 8, 27, 27)
+    t = torch.tensor([0, 10, 500, 998])
+    xt = sched.add_noise(x0, noise, t)
+    ab = sched.alphas_cumprod[500].item()
+    assert torch.allclose(xt[2], math.sqrt(ab) * x0[2] + math.sqrt(1 - ab) * noise[2], atol=1e-5)
+    assert torch.allclose(sched.predict_x0(xt, noise, t), x0, atol=1e-3)
+
+
+def test_sampler_timesteps_span_the_schedule():
+    sched = NoiseSchedule(ScheduleConfig())
+    for n in (1000, 50, 4):
+        ts = DDPMSampler(sched, n).timesteps
+        assert len(ts) == n and ts[0] == 999 and ts[-1] == 0 and (ts[:-1] > ts[1:]).all()
+    with pytest.raises(ValueError, match="num_steps"):
+        DDPMSampler(sched, 0)
+
+
+def test_full_sampler_uses_the_trained_betas():
+    sched = NoiseSchedule(ScheduleConfig())
+    s = DDPMSampler(sched, 1000)
+    ab = sched.alphas_cumprod
+    true_betas = 1 - ab / torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+    assert torch.allclose(s.betas, true_betas.flip(0))
+
+
+@pytest.mark.parametrize("steps", [1000, 50, 5])
+def test_sampler_with_an_oracle_recovers_x0(steps):
+    """If the model returns the exact noise of a fixed x0, ancestral sampling must land on x0."""
+    sched = NoiseSchedule(ScheduleConfig())
+    sampler = DDPMSampler(sched, steps)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 8, 27, 27, generator=g) * 2 - 1
+    x = torch.randn(2, 8, 27, 27, generator=g)
+    for i, t in enumerate(sampler.timesteps):
+        ab = sched.alphas_cumprod[t].float()
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        x = sampler.step(eps, i, x, generator=g)
+    assert torch.allclose(x, x0, atol=1e-4)

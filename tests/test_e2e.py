@@ -1,0 +1,141 @@
+"""End to end, as a user runs it: DVC -> Prefect -> MLflow on 16 sprites with the tiny profile.
+
+A throwaway project (git + DVC) is laid out in a temporary folder; ``dvc repro`` runs the four
+stages, a second ``dvc repro`` must do nothing, ``dvc exp run -S`` must work, and the registered
+model is loaded by alias in a fresh Python process and asked to draw.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, TESTS
+
+pytestmark = pytest.mark.slow
+STAGES = ("preprocess", "vae", "diffusion", "finetune")
+
+
+def run(cmd, cwd, env, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(raw_subset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for name in ("pokesprite", "flows"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copyfile(ROOT / name, root / name)
+    shutil.copyfile(TESTS / "tiny_params.yaml", root / "params.yaml")
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_HOME": str(root / ".prefect"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@pokesprite"],
+                ["git", "config", "user.name", "pokesprite tests"], ["dvc", "init", "-q"],
+                ["dvc", "config", "core.analytics", "false"],
+                [sys.executable, "-m", "pokesprite.cli", "data", "import", str(raw_subset)],
+                ["dvc", "add", "-q", "data"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
+        run(cmd, root, env)
+    repro = run(["dvc", "repro"], root, env)
+    return root, env, repro
+
+
+def mlflow_client(root):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_repro_runs_every_stage_and_writes_metrics(project):
+    root, env, repro = project
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in repro.stdout
+        metrics = json.loads((root / "metrics" / f"{stage}.json").read_text())
+        assert metrics["wall_seconds"] > 0
+    assert json.loads((root / "metrics/preprocess.json").read_text())["sprites"] == 16
+    assert (root / "outputs/finetune/model/pipeline.pt").is_file()
+    assert (root / "dvc.lock").is_file()
+
+
+def test_second_repro_does_nothing(project):
+    root, env, _ = project
+    again = run(["dvc", "repro"], root, env)
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], root, env).stdout
+
+
+def test_mlflow_has_one_run_per_stage_and_a_champion(project):
+    root, _, _ = project
+    client = mlflow_client(root)
+    exp = client.get_experiment_by_name("pokesprite")
+    assert exp.artifact_location.startswith((root / "mlruns").resolve().as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == set(STAGES) and len(runs) == 4
+    for stage, r in by_stage.items():
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["prefect_flow_run_id"]  # each stage ran as a Prefect flow run
+        assert r.data.params["seed"] == "0"
+        images = [a.path for a in client.list_artifacts(r.info.run_id) if a.path.endswith(".png")]
+        assert images, f"{stage} logged no image"
+    vae_history = client.get_metric_history(by_stage["vae"].info.run_id, "val_l1")
+    assert [m.step for m in vae_history] == [1, 2]
+    assert int(client.get_model_version_by_alias("pokesprite", "champion").version) == 1
+
+
+def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
+    root, env, _ = project
+    script = textwrap.dedent(f"""
+        import json, sys, mlflow
+        mlflow.set_tracking_uri("sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+        model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
+        images = model.predict(["a small green creature with a bulb on its back", "a blue turtle"],
+                               params={{"seed": 0, "num_steps": 3}})
+        print(json.dumps({{"shape": list(images.shape), "dtype": str(images.dtype),
+                          "code": sys.modules["pokesprite"].__file__}}))
+    """)
+    out = run([sys.executable, "-c", script], tmp_path, env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [2, 215, 215, 3] and result["dtype"] == "uint8"
+    # The package came from the logged model, not from a checkout: the model is self-contained.
+    assert "mlruns" in result["code"] and str(ROOT) not in result["code"]
+
+
+def test_generate_cli_writes_reproducible_pngs(project):
+    root, env, _ = project
+    cmd = [sys.executable, "-m", "pokesprite.cli", "generate", "a small green creature with a bulb on its back",
+           "-n", "2", "--seed", "0", "--steps", "3"]
+    first = run(cmd + ["-o", "a"], root, env)
+    run(cmd + ["-o", "b"], root, env)
+    paths = sorted((root / "a").glob("*.png"))
+    assert len(paths) == 2 and first.stdout.count(".png") == 2
+    for p in paths:
+        assert Image.open(p).size == (215, 215)
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(root / "b" / p.name)))
+    missing = run(cmd + ["--model", "models:/no-such-model@champion"], root, env, check=False)
+    assert missing.returncode == 1 and "cannot load models:/no-such-model@champion" in missing.stderr
+
+
+def test_dvc_exp_run_with_a_changed_param(project):
+    root, env, _ = project
+    exp = run(["dvc", "exp", "run", "-S", "finetune.train.epochs=2"], root, env)
+    assert "Running stage 'finetune'" in exp.stdout and "Running stage 'vae'" not in exp.stdout
+    client = mlflow_client(root)
+    assert int(client.get_model_version_by_alias("pokesprite", "champion").version) == 1  # kept
+    assert len(client.search_model_versions("name='pokesprite'")) == 2

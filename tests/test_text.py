@@ -1,0 +1,32 @@
+import torch
+
+from pokesprite.models.text import TextEncoder
+
+
+def test_bundled_encoder_loads_offline_and_projects():
+    enc = TextEncoder.from_pretrained("bundled", dim=256, max_tokens=32)
+    assert enc.hidden == 384 and len(enc.transformer.encoder.layer) == 6
+    tok = enc.tokenize(["a small green creature with a bulb on its back", "fire"])
+    assert tok["input_ids"].shape == (2, 32)
+    assert tok["attention_mask"][1].sum() == 3  # [CLS] fire [SEP]
+    assert enc(**tok).shape == (2, 32, 256)
+
+
+def test_pretrained_weights_carry_meaning():
+    """Real all-MiniLM-L6-v2 weights: paraphrases are closer than unrelated sentences."""
+    enc = TextEncoder.from_pretrained("bundled", dim=8, max_tokens=32)
+    h, mask = enc.encode_hidden(["a red fire lizard", "a crimson lizard made of flame", "a blue water turtle"])
+    pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    sim = pooled @ pooled.T
+    assert sim[0, 1] > sim[0, 2] + 0.1
+
+
+def test_freeze_leaves_only_top_layers_and_projection_trainable():
+    enc = TextEncoder.from_pretrained("bundled", dim=16, max_tokens=8)
+    enc.freeze_transformer(2)
+    trainable = {n.split(".")[0] if n.startswith("proj") else ".".join(n.split(".")[:4])
+                 for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"proj", "transformer.encoder.layer.4", "transformer.encoder.layer.5"}
+    enc.freeze_transformer(0)
+    assert {n for n, p in enc.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}

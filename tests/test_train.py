@@ -1,0 +1,103 @@
+"""Tiny overfit runs of the three trainers, and the combined model they produce."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pokesprite.pipeline import SpritePipeline
+from pokesprite.train.common import load_checkpoint
+from pokesprite.train.diffusion import train_diffusion
+from pokesprite.train.finetune import train_finetune
+from pokesprite.train.vae import load_vae, train_vae
+
+
+def with_train(stage_cfg, **changes):
+    return dataclasses.replace(stage_cfg, train=dataclasses.replace(stage_cfg.train, **changes))
+
+
+@pytest.fixture(scope="module")
+def vae_run(processed, tiny_params, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    cfg = with_train(tiny_params.vae, epochs=12, max_train_items=4, batch_size=4, lr=3e-3, sample_every=0)
+    from pokesprite.tracking import Tracker
+
+    tracker = Tracker()
+    metrics = train_vae(cfg, tiny_params.data, data_dir=processed, out_dir=out, seed=0, tracker=tracker)
+    return out, metrics, tracker
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(processed, tiny_params, vae_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion")
+    cfg = with_train(tiny_params.diffusion, epochs=30, max_train_items=4, batch_size=4, lr=2e-3, sample_every=0)
+    from pokesprite.tracking import Tracker
+
+    tracker = Tracker()
+    metrics = train_diffusion(cfg, tiny_params.data, tiny_params.text, data_dir=processed,
+                              vae_checkpoint=vae_run[0] / "best.pt", out_dir=out, seed=0, tracker=tracker)
+    return out, metrics, tracker
+
+
+def test_vae_overfits_and_writes_a_self_describing_checkpoint(vae_run, tiny_params):
+    out, metrics, tracker = vae_run
+    l1 = [v for _, v in tracker.history["train_l1"]]
+    assert l1[-1] < 0.7 * l1[0], l1
+    ckpt = load_checkpoint(out / "best.pt", "vae")
+    assert ckpt["config"]["channels"] == list(tiny_params.vae.model.channels)
+    vae, scale = load_vae(out / "best.pt")  # rebuilt from the checkpoint alone
+    assert scale == pytest.approx(metrics["latent_scale"]) and scale > 0
+    assert (out / "reconstructions.png").is_file() and (out / "last.pt").is_file()
+
+
+def test_wrong_checkpoint_kind_is_refused(vae_run):
+    with pytest.raises(ValueError, match="expected a diffusion checkpoint, found 'vae'"):
+        load_checkpoint(vae_run[0] / "best.pt", "diffusion")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_checkpoint(vae_run[0] / "nope.pt", "vae")
+
+
+def test_diffusion_loss_falls(diffusion_run):
+    out, metrics, tracker = diffusion_run
+    loss = [v for _, v in tracker.history["train_loss"]]
+    assert np.mean(loss[-5:]) < 0.8 * np.mean(loss[:3]), loss
+    assert metrics["best_val_loss"] == min(v for _, v in tracker.history["val_loss"])
+    assert (out / "samples.png").is_file()
+
+
+def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, tiny_params, vae_run,
+                                                                   diffusion_run, tmp_path):
+    cfg = with_train(tiny_params.finetune, epochs=2, max_train_items=4)
+    metrics = train_finetune(cfg, tiny_params.data, data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt",
+                             diffusion_checkpoint=diffusion_run[0] / "best.pt", out_dir=tmp_path, seed=0)
+    assert metrics["val_loss_after"] <= metrics["val_loss_before"]
+    pipe = SpritePipeline.load(tmp_path / "model")
+    diff = load_checkpoint(diffusion_run[0] / "best.pt", "diffusion")
+    for k, v in diff["unet"].items():  # the U-Net is frozen in stage 3
+        assert torch.equal(pipe.unet.state_dict()[k], v)
+    images = pipe(["a small green creature with a bulb on its back", "a blue turtle"], seed=0, num_steps=3)
+    assert images.shape == (2, 215, 215, 3) and images.dtype == np.uint8
+
+
+def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusion_run, tmp_path):
+    vae, scale = load_vae(vae_run[0] / "best.pt")
+    from pokesprite.config import ScheduleConfig, TextConfig, UNetConfig, from_dict
+    from pokesprite.diffusion.schedule import NoiseSchedule
+    from pokesprite.models.text import TextEncoder
+    from pokesprite.models.unet import UNet
+
+    diff = load_checkpoint(diffusion_run[0] / "best.pt", "diffusion")
+    text_cfg = from_dict(TextConfig, diff["text_config"])
+    text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
+    text.proj.load_state_dict(diff["text_proj"])
+    unet = UNet(from_dict(UNetConfig, diff["unet_config"]), context_dim=text_cfg.dim)
+    unet.load_state_dict(diff["unet"])
+    pipe = SpritePipeline(vae, unet, text, NoiseSchedule(from_dict(ScheduleConfig, diff["schedule_config"])),
+                          latent_scale=scale, sample_steps=4)
+    prompts = ["a red fire lizard", "a yellow electric mouse"]
+    a = pipe(prompts, seed=7)
+    assert np.array_equal(a, pipe(prompts, seed=7))
+    assert not np.array_equal(a, pipe(prompts, seed=8))
+    loaded = SpritePipeline.load(pipe.save(tmp_path / "model"))
+    assert loaded.sample_steps == 4 and loaded.latent_scale == scale
+    assert np.array_equal(a, loaded(prompts, seed=7))
