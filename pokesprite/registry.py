@@ -14,15 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
-import pokesprite
-from pokesprite.tracking import configure_mlflow  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY)
+import mlflow
+from mlflow.models import infer_signature
 
-import mlflow  # noqa: E402
-from mlflow.models import infer_signature  # noqa: E402
+import pokesprite
 
 CHAMPION = "champion"
 DEFAULT_PARAMS = {"seed": 0, "num_steps": 0}  # num_steps 0 = the model's own default
-REQUIREMENTS = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml"]
+EXAMPLE_PROMPTS = ["a small green creature with a bulb on its back"]
+RUNTIME_PACKAGES = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml"]
+
+
+def requirements() -> list[str]:
+    """The model's pip requirements, pinned to the versions it was trained with."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
 
 
 def prompts_from_input(model_input) -> list[str]:
@@ -41,7 +48,11 @@ def prompts_from_input(model_input) -> list[str]:
 
 
 class SpriteModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around ``SpritePipeline``: prompts in, (N, 215, 215, 3) uint8 sprites out."""
+    """pyfunc wrapper around ``SpritePipeline``: prompts in, (N, 215, 215, 3) uint8 sprites out.
+
+    ``predict`` has no type hints on purpose: MLflow would then replace the logged signature, whose
+    params schema (seed, num_steps) is what lets callers pass sampling options.
+    """
 
     def load_context(self, context):
         import torch
@@ -60,15 +71,16 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
 def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, name: str = "model"):
     """Log the pipeline folder as a pyfunc model to the active run (and register it when a name is given)."""
     example_out = np.zeros((1, 215, 215, 3), dtype=np.uint8)
-    signature = infer_signature(["a small green creature with a bulb on its back"], example_out,
+    signature = infer_signature(EXAMPLE_PROMPTS, example_out,
                                 params=DEFAULT_PARAMS)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=SpriteModel(),
+        python_model=str(Path(__file__).with_name("mlflow_model.py")),  # "models from code": no pickle
         artifacts={"pipeline": str(pipeline_dir)},
         code_paths=[str(Path(pokesprite.__file__).parent)],
         signature=signature,
-        pip_requirements=REQUIREMENTS,
+        input_example=(EXAMPLE_PROMPTS, {"seed": 0, "num_steps": 2}),  # checked by a real predict at log time
+        pip_requirements=requirements(),
         registered_model_name=registered_model_name,
     )
 

@@ -7,10 +7,7 @@ beside it; ``MLFLOW_TRACKING_URI`` overrides it (a server, another database).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 STORE_DIR = "mlruns"
 
@@ -90,14 +87,3 @@ class MlflowTracker(Tracker):
 
         mlflow.log_artifact(str(path), artifact_path)
 
-
-def log_json(data: dict, name: str) -> None:
-    """Log a dict as a JSON artifact of the active run."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        import json
-
-        path.write_text(json.dumps(data, indent=2))
-        mlflow.log_artifact(str(path))

@@ -7,16 +7,11 @@ local Hugging Face cache only (``HF_HUB_OFFLINE=1``), or pass a local directory.
 from __future__ import annotations
 
 import importlib.resources
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+from transformers import AutoModel, AutoTokenizer
 
 BUNDLED = "bundled"
 
