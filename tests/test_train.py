@@ -7,7 +7,7 @@ import torch
 
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.train.common import load_checkpoint
-from pokesprite.train.diffusion import train_diffusion
+from pokesprite.train.diffusion import load_diffusion, train_diffusion
 from pokesprite.train.finetune import train_finetune
 from pokesprite.train.vae import load_vae, train_vae
 
@@ -81,19 +81,8 @@ def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, ti
 
 def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusion_run, tmp_path):
     vae, scale = load_vae(vae_run[0] / "best.pt")
-    from pokesprite.config import ScheduleConfig, TextConfig, UNetConfig, from_dict
-    from pokesprite.diffusion.schedule import NoiseSchedule
-    from pokesprite.models.text import TextEncoder
-    from pokesprite.models.unet import UNet
-
-    diff = load_checkpoint(diffusion_run[0] / "best.pt", "diffusion")
-    text_cfg = from_dict(TextConfig, diff["text_config"])
-    text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
-    text.proj.load_state_dict(diff["text_proj"])
-    unet = UNet(from_dict(UNetConfig, diff["unet_config"]), context_dim=text_cfg.dim)
-    unet.load_state_dict(diff["unet"])
-    pipe = SpritePipeline(vae, unet, text, NoiseSchedule(from_dict(ScheduleConfig, diff["schedule_config"])),
-                          latent_scale=scale, sample_steps=4)
+    unet, text, schedule, _ = load_diffusion(diffusion_run[0] / "best.pt")
+    pipe = SpritePipeline(vae, unet, text, schedule, latent_scale=scale, sample_steps=4)
     prompts = ["a red fire lizard", "a yellow electric mouse"]
     a = pipe(prompts, seed=7)
     assert np.array_equal(a, pipe(prompts, seed=7))

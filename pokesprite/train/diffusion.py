@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from pokesprite.config import DataConfig, DiffusionStageConfig, TextConfig, to_dict
+from pokesprite.config import DataConfig, DiffusionStageConfig, ScheduleConfig, TextConfig, UNetConfig, from_dict, to_dict
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.models.text import TextEncoder
@@ -87,6 +87,18 @@ def validation_loss(unet, text: TextEncoder, schedule, cache: LatentCache, devic
         total += loss.item() * len(mean)
         n += len(mean)
     return total / n
+
+
+def load_diffusion(path: Path, device="cpu"):
+    """Rebuild (U-Net, text encoder with its trained projection, schedule, checkpoint) from a stage-2 checkpoint."""
+    ckpt = load_checkpoint(path, "diffusion")
+    text_cfg = from_dict(TextConfig, ckpt["text_config"], "text")
+    text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
+    text.proj.load_state_dict(ckpt["text_proj"])
+    unet = UNet(from_dict(UNetConfig, ckpt["unet_config"], "diffusion.unet"), context_dim=text_cfg.dim)
+    unet.load_state_dict(ckpt["unet"])
+    schedule = NoiseSchedule(from_dict(ScheduleConfig, ckpt["schedule_config"], "diffusion.schedule"))
+    return unet.to(device).eval(), text.to(device).eval(), schedule, ckpt
 
 
 def sample_grid(pipeline: SpritePipeline, prompts: list[str], seed: int = 0):

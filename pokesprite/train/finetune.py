@@ -12,15 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pokesprite.config import DataConfig, FinetuneStageConfig, ScheduleConfig, TextConfig, UNetConfig, from_dict
+from pokesprite.config import DataConfig, FinetuneStageConfig
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.models.text import TextEncoder
-from pokesprite.models.unet import UNet
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import load_checkpoint, make_optimizer, seed_everything
-from pokesprite.train.diffusion import denoising_loss, encode_latents, sample_grid, sample_latents
+from pokesprite.train.common import make_optimizer, seed_everything
+from pokesprite.train.diffusion import denoising_loss, encode_latents, load_diffusion, sample_grid, sample_latents
 from pokesprite.train.vae import load_vae
 
 log = logging.getLogger(__name__)
@@ -67,16 +65,10 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     g = seed_everything(seed)
     vae, latent_scale = load_vae(vae_checkpoint, device)
-    diff = load_checkpoint(diffusion_checkpoint, "diffusion")
-    text_cfg = from_dict(TextConfig, diff["text_config"], "text")
-    text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens).to(device)
-    text.proj.load_state_dict(diff["text_proj"])
+    unet, text, schedule, diff = load_diffusion(diffusion_checkpoint, device)
     text.freeze_transformer(cfg.train_layers)
-    unet = UNet(from_dict(UNetConfig, diff["unet_config"], "diffusion.unet"), context_dim=text_cfg.dim).to(device)
-    unet.load_state_dict(diff["unet"])
     for m in (vae, unet):
         m.requires_grad_(False).eval()
-    schedule = NoiseSchedule(from_dict(ScheduleConfig, diff["schedule_config"], "diffusion.schedule"))
 
     train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
     val_set = SpriteDataset(data_dir, "val", data_cfg)
