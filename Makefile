@@ -11,6 +11,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export POKESPRITE_DATA_SOURCE
+# DVC stage commands call `python`: make it the project's venv.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install data repro test ui
 
