@@ -62,7 +62,8 @@ def cmd_generate(args) -> int:
         print(f"error: cannot load {args.model} from {mlflow.get_tracking_uri()}: {e}\n"
               "Train and register a model first (make repro), or pass --model URI.", file=sys.stderr)
         return 1
-    images = model.predict([args.prompt] * args.n, params={"seed": args.seed, "num_steps": args.steps})
+    params = {"seed": args.seed, "num_steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler}
+    images = model.predict([args.prompt] * args.n, params={k: v for k, v in params.items() if v is not None})
     out = Path(args.out)
     for i, img in enumerate(images):
         path = out / f"sprite_{args.seed}_{i:02d}.png"
@@ -93,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help='what to draw, e.g. "a small green creature with a bulb on its back"')
     gen.add_argument("-n", type=int, default=4, help="number of sprites (default: 4)")
     gen.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same sprites")
-    gen.add_argument("--steps", type=int, default=0, help="DDPM steps (default: the model's own, 0)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the model's own)")
+    gen.add_argument("--sampler", choices=("ddpm", "ddim"), help="sampler (default: the model's own)")
     gen.add_argument("-o", "--out", default="out", help="output folder (default: out/)")
     gen.add_argument("--model", default="models:/pokesprite@champion",
                      help="MLflow model URI (default: models:/pokesprite@champion)")

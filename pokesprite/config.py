@@ -95,6 +95,20 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class SampleConfig:
+    """How the registered model and the sample grids draw; callers can override each per request."""
+    sampler: str = "ddpm"  # ddpm (ancestral, strided) or ddim (deterministic)
+    steps: int = 50
+    guidance_scale: float = 3.0  # classifier-free guidance; 1 = the plain conditional prediction
+
+    def __post_init__(self):
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"diffusion.sample.sampler must be ddpm or ddim, got {self.sampler!r}")
+        if self.steps < 1:
+            raise ConfigError(f"diffusion.sample.steps must be at least 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 8
@@ -117,7 +131,15 @@ class DiffusionStageConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample_steps: int = 50  # DDPM steps used for sample grids and by the registered model
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    cond_drop_prob: float = 0.1  # captions replaced by "" in training, for classifier-free guidance
+    ema_decay: float = 0.999  # EMA of the U-Net and text projection used for sampling (0 = off)
+
+    def __post_init__(self):
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"diffusion.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

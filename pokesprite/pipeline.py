@@ -4,7 +4,7 @@ Used by the training stages for sample grids, by the registered MLflow model and
 A saved pipeline is one folder, loadable without the repository or the network:
 
     pipeline.pt      VAE, U-Net and text projection weights, the configs that built them,
-                     the schedule config, the latent scale and the default number of steps
+                     the schedule config, the latent scale and the default sampling settings
     text_encoder/    the (fine-tuned) transformer and its tokenizer, in Hugging Face format
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pokesprite.config import ScheduleConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from pokesprite.config import SampleConfig, ScheduleConfig, UNetConfig, VAEConfig, from_dict, to_dict
 from pokesprite.data.dataset import to_uint8
-from pokesprite.diffusion.samplers import DDPMSampler
+from pokesprite.diffusion.samplers import make_sampler
 from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
@@ -27,39 +27,64 @@ PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
 
 
+def guided_eps(unet, x, t, context, mask, uncond_context, uncond_mask, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + scale * (eps_c - eps_u).
+
+    The conditional and unconditional predictions run as one batch; scale 1 gives eps_c.
+    """
+    n = x.shape[0]
+    eps = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context]),
+               torch.cat([uncond_mask, mask]))
+    eps_u, eps_c = eps[:n], eps[n:]
+    return eps_u + scale * (eps_c - eps_u)
+
+
 class SpritePipeline:
     def __init__(self, vae: VAE, unet: UNet, text: TextEncoder, schedule: NoiseSchedule, *,
-                 latent_scale: float, sample_steps: int):
+                 latent_scale: float, sample: SampleConfig):
         self.vae, self.unet, self.text, self.schedule = vae, unet, text, schedule
         self.latent_scale = latent_scale
-        self.sample_steps = sample_steps
+        self.sample = sample
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None) -> np.ndarray:
-        """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites."""
+    def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
+                 guidance_scale: float | None = None, sampler: str | None = None) -> np.ndarray:
+        """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
+
+        ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
+        scale = self.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
         modules = (self.vae, self.unet, self.text)
         was_training = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
-            device = self.device
+            device, n = self.device, len(prompts)
             g = torch.Generator().manual_seed(int(seed))
             tok = self.text.tokenize(prompts, device)
-            context = self.text(**tok)  # (N, L, dim)
-            sampler = DDPMSampler(self.schedule, int(num_steps or self.sample_steps))
+            context, mask = self.text(**tok), tok["attention_mask"]  # (N, L, dim), (N, L)
+            if scale != 1.0:
+                empty = self.text.tokenize([""] * n, device)
+                uncond, uncond_mask = self.text(**empty), empty["attention_mask"]
+            steps = self.sample.steps if num_steps is None else int(num_steps)
+            sampler_ = make_sampler(sampler or self.sample.sampler, self.schedule, steps)
             c, s = self.unet.cfg.latent_channels, self.vae.latent_size
-            x = torch.randn((len(prompts), c, s, s), generator=g).to(device)
-            for i, t in enumerate(sampler.timesteps):
-                eps = self.unet(x, t.repeat(len(prompts)).to(device), context, tok["attention_mask"])
-                x = sampler.step(eps, i, x, generator=g)
+            x = torch.randn((n, c, s, s), generator=g).to(device)
+            for i, t in enumerate(sampler_.timesteps):
+                t = t.repeat(n).to(device)
+                if scale == 1.0:
+                    eps = self.unet(x, t, context, mask)
+                else:
+                    eps = guided_eps(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
+                x = sampler_.step(eps, i, x, generator=g)
             images = self.vae.decode(x / self.latent_scale)
             return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         finally:
@@ -78,7 +103,7 @@ class SpritePipeline:
                      "proj": self.text.proj.state_dict()},
             "schedule": to_dict(self.schedule.cfg),
             "latent_scale": self.latent_scale,
-            "sample_steps": self.sample_steps,
+            "sample": to_dict(self.sample),
         }, directory / PIPELINE_FILE)
         return directory
 
@@ -99,4 +124,11 @@ class SpritePipeline:
         schedule = NoiseSchedule(from_dict(ScheduleConfig, ckpt["schedule"], "schedule"))
         for m in (vae, unet, text):
             m.to(device).eval()
-        return cls(vae, unet, text, schedule, latent_scale=ckpt["latent_scale"], sample_steps=ckpt["sample_steps"])
+        return cls(vae, unet, text, schedule, latent_scale=ckpt["latent_scale"],
+                   sample=from_dict(SampleConfig, ckpt["sample"], "sample"))
+
+    @staticmethod
+    def sample_defaults(directory: Path) -> SampleConfig:
+        """The saved sampling settings, read without building the models."""
+        ckpt = torch.load(Path(directory) / PIPELINE_FILE, map_location="cpu", weights_only=False)
+        return from_dict(SampleConfig, ckpt["sample"], "sample")

@@ -20,7 +20,6 @@ from mlflow.models import infer_signature
 import pokesprite
 
 CHAMPION = "champion"
-DEFAULT_PARAMS = {"seed": 0, "num_steps": 0}  # num_steps 0 = the model's own default
 EXAMPLE_PROMPTS = ["a small green creature with a bulb on its back"]
 RUNTIME_PACKAGES = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml"]
 
@@ -63,16 +62,25 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
         self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
 
     def predict(self, context, model_input, params=None):
-        params = {**DEFAULT_PARAMS, **(params or {})}
-        return self.pipeline(prompts_from_input(model_input), seed=int(params["seed"]),
-                             num_steps=int(params["num_steps"]) or None)
+        params = params or {}
+        return self.pipeline(prompts_from_input(model_input), seed=int(params.get("seed", 0)),
+                             num_steps=params.get("num_steps"), guidance_scale=params.get("guidance_scale"),
+                             sampler=params.get("sampler"))
 
 
 def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, name: str = "model"):
-    """Log the pipeline folder as a pyfunc model to the active run (and register it when a name is given)."""
+    """Log the pipeline folder as a pyfunc model to the active run (and register it when a name is given).
+
+    The signature's params (seed, num_steps, guidance_scale, sampler) default to the pipeline's own
+    sampling settings, so callers override only what they want.
+    """
+    from pokesprite.pipeline import SpritePipeline
+
+    sample = SpritePipeline.sample_defaults(pipeline_dir)
+    defaults = {"seed": 0, "num_steps": sample.steps, "guidance_scale": sample.guidance_scale,
+                "sampler": sample.sampler}
     example_out = np.zeros((1, 215, 215, 3), dtype=np.uint8)
-    signature = infer_signature(EXAMPLE_PROMPTS, example_out,
-                                params=DEFAULT_PARAMS)
+    signature = infer_signature(EXAMPLE_PROMPTS, example_out, params=defaults)
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("mlflow_model.py")),  # "models from code": no pickle

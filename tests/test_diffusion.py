@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pokesprite.config import ScheduleConfig
-from pokesprite.diffusion.samplers import DDPMSampler
+from pokesprite.diffusion.samplers import DDIMSampler, DDPMSampler, make_sampler
 from pokesprite.diffusion.schedule import NoiseSchedule, cosine_alphas_cumprod
 
 
@@ -58,11 +58,11 @@ def test_full_sampler_uses_the_trained_betas():
     assert torch.allclose(s.betas, true_betas.flip(0))
 
 
-@pytest.mark.parametrize("steps", [1000, 50, 5])
-def test_sampler_with_an_oracle_recovers_x0(steps):
-    """If the model returns the exact noise of a fixed x0, ancestral sampling must land on x0."""
+@pytest.mark.parametrize("name,steps", [("ddpm", 1000), ("ddpm", 50), ("ddpm", 5), ("ddim", 50), ("ddim", 5)])
+def test_sampler_with_an_oracle_recovers_x0(name, steps):
+    """If the model returns the exact noise of a fixed x0, sampling must land on x0."""
     sched = NoiseSchedule(ScheduleConfig())
-    sampler = DDPMSampler(sched, steps)
+    sampler = make_sampler(name, sched, steps)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 8, 27, 27, generator=g) * 2 - 1
     x = torch.randn(2, 8, 27, 27, generator=g)
@@ -71,3 +71,15 @@ def test_sampler_with_an_oracle_recovers_x0(steps):
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
         x = sampler.step(eps, i, x, generator=g)
     assert torch.allclose(x, x0, atol=1e-4)
+
+
+def test_ddim_with_eta_one_has_the_ddpm_variance():
+    sched = NoiseSchedule(ScheduleConfig())
+    ddim, ddpm = DDIMSampler(sched, 20, eta=1.0), DDPMSampler(sched, 20)
+    assert torch.allclose(ddim.sigma ** 2, ddpm.variance)
+    assert (DDIMSampler(sched, 20).sigma == 0).all()
+
+
+def test_unknown_sampler_is_named():
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        make_sampler("euler", NoiseSchedule(ScheduleConfig()), 10)

@@ -105,14 +105,20 @@ def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
         import json, sys, mlflow
         mlflow.set_tracking_uri("sqlite:///{root / 'mlruns' / 'mlflow.db'}")
         model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
-        images = model.predict(["a small green creature with a bulb on its back", "a blue turtle"],
-                               params={{"seed": 0, "num_steps": 3}})
-        print(json.dumps({{"shape": list(images.shape), "dtype": str(images.dtype),
+        prompts = ["a small green creature with a bulb on its back", "a blue turtle"]
+        images = model.predict(prompts, params={{"seed": 0, "num_steps": 3}})
+        ddim = model.predict(prompts, params={{"seed": 0, "num_steps": 3, "sampler": "ddim", "guidance_scale": 1.0}})
+        params = {{p.name: p.default for p in model.metadata.signature.params.params}}
+        print(json.dumps({{"shape": list(images.shape), "dtype": str(images.dtype), "params": params,
+                          "ddim_differs": bool((ddim != images).any()),
                           "code": sys.modules["pokesprite"].__file__}}))
     """)
     out = run([sys.executable, "-c", script], tmp_path, env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [2, 215, 215, 3] and result["dtype"] == "uint8"
+    # the signature's params default to the trained model's sampling settings (tests/tiny_params.yaml)
+    assert result["params"] == {"seed": 0, "num_steps": 4, "guidance_scale": 2.0, "sampler": "ddpm"}
+    assert result["ddim_differs"]
     # The package came from the logged model, not from a checkout: the model is self-contained.
     assert "mlruns" in result["code"] and str(ROOT) not in result["code"]
 
@@ -120,7 +126,7 @@ def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
 def test_generate_cli_writes_reproducible_pngs(project):
     root, env, _ = project
     cmd = [sys.executable, "-m", "pokesprite.cli", "generate", "a small green creature with a bulb on its back",
-           "-n", "2", "--seed", "0", "--steps", "3"]
+           "-n", "2", "--seed", "0", "--steps", "3", "--sampler", "ddim", "--guidance", "1.5"]
     first = run(cmd + ["-o", "a"], root, env)
     run(cmd + ["-o", "b"], root, env)
     paths = sorted((root / "a").glob("*.png"))

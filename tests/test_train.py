@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pokesprite.config import SampleConfig
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.train.common import load_checkpoint
 from pokesprite.train.diffusion import load_diffusion, train_diffusion
@@ -82,11 +83,14 @@ def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, ti
 def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusion_run, tmp_path):
     vae, scale = load_vae(vae_run[0] / "best.pt")
     unet, text, schedule, _ = load_diffusion(diffusion_run[0] / "best.pt")
-    pipe = SpritePipeline(vae, unet, text, schedule, latent_scale=scale, sample_steps=4)
+    pipe = SpritePipeline(vae, unet, text, schedule, latent_scale=scale,
+                          sample=SampleConfig(sampler="ddpm", steps=4, guidance_scale=2.0))
     prompts = ["a red fire lizard", "a yellow electric mouse"]
     a = pipe(prompts, seed=7)
     assert np.array_equal(a, pipe(prompts, seed=7))
     assert not np.array_equal(a, pipe(prompts, seed=8))
     loaded = SpritePipeline.load(pipe.save(tmp_path / "model"))
-    assert loaded.sample_steps == 4 and loaded.latent_scale == scale
+    assert loaded.sample == pipe.sample and loaded.latent_scale == scale
     assert np.array_equal(a, loaded(prompts, seed=7))
+    ddim = pipe(prompts, seed=7, sampler="ddim", guidance_scale=1.0)
+    assert ddim.shape == a.shape and not np.array_equal(ddim, a)

@@ -1,12 +1,43 @@
-"""Samplers: reverse the schedule with a noise-predicting model."""
+"""Samplers: reverse the schedule with a noise-predicting model.
+
+Both samplers walk the same evenly spaced subset of the training steps and share one interface:
+``sampler.timesteps`` to iterate over and ``sampler.step(eps, i, x)`` for x_t -> x_prev. The pipeline
+owns the loop (model -> guidance -> step).
+"""
 from __future__ import annotations
 
 import torch
 
 from pokesprite.diffusion.schedule import NoiseSchedule
 
+SAMPLERS = ("ddpm", "ddim")
 
-class DDPMSampler:
+
+def spaced_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
+    """``num_steps`` indices evenly spaced from T-1 down to 0, both ends included."""
+    if not 1 <= num_steps <= timesteps:
+        raise ValueError(f"num_steps must be in 1..{timesteps}, got {num_steps}")
+    return torch.linspace(timesteps - 1, 0, num_steps, dtype=torch.float64).round().long().unique_consecutive()
+
+
+class _Sampler:
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, clip_x0: float):
+        self.schedule = schedule
+        self.clip_x0 = clip_x0
+        self.timesteps = spaced_timesteps(schedule.timesteps, num_steps)
+        ab = schedule.alphas_cumprod[self.timesteps]
+        self.alpha_bar = ab
+        self.alpha_bar_prev = torch.cat([ab[1:], torch.ones(1, dtype=ab.dtype)])
+
+    def predicted_x0(self, eps, i, x):
+        t = self.timesteps[i].repeat(x.shape[0])
+        return self.schedule.predict_x0(x, eps, t).clamp(-self.clip_x0, self.clip_x0)
+
+    def is_last(self, i: int) -> bool:
+        return i == len(self.timesteps) - 1
+
+
+class DDPMSampler(_Sampler):
     """Ancestral DDPM sampling (Ho et al. 2020) over ``num_steps`` evenly spaced steps.
 
     With num_steps == T this is the original sampler; with fewer it is the strided ("respaced")
@@ -15,16 +46,8 @@ class DDPMSampler:
     """
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int, *, clip_x0: float = 3.0):
-        if not 1 <= num_steps <= schedule.timesteps:
-            raise ValueError(f"num_steps must be in 1..{schedule.timesteps}, got {num_steps}")
-        self.schedule = schedule
-        self.clip_x0 = clip_x0
-        T = schedule.timesteps
-        # Evenly spaced indices from T-1 down to 0, always including both ends.
-        self.timesteps = torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long().unique_consecutive()
-        ab = schedule.alphas_cumprod[self.timesteps]
-        ab_prev = torch.cat([ab[1:], torch.ones(1, dtype=ab.dtype)])
-        self.alpha_bar, self.alpha_bar_prev = ab, ab_prev
+        super().__init__(schedule, num_steps, clip_x0)
+        ab, ab_prev = self.alpha_bar, self.alpha_bar_prev
         self.betas = 1 - ab / ab_prev
         # Posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 7).
         self.coef_x0 = ab_prev.sqrt() * self.betas / (1 - ab)
@@ -33,10 +56,35 @@ class DDPMSampler:
 
     def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
         """One reverse step at position ``i`` of ``self.timesteps``: x_t -> x_prev."""
-        t = self.timesteps[i].repeat(x.shape[0])
-        x0 = self.schedule.predict_x0(x, eps, t).clamp(-self.clip_x0, self.clip_x0)
+        x0 = self.predicted_x0(eps, i, x)
         mean = self.coef_x0[i].to(x.dtype) * x0 + self.coef_xt[i].to(x.dtype) * x
-        if i == len(self.timesteps) - 1:
+        if self.is_last(i):
             return mean
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return mean + self.variance[i].sqrt().to(x.dtype) * noise
+
+
+class DDIMSampler(_Sampler):
+    """DDIM (Song et al. 2021, eq. 12); ``eta`` = 0 is deterministic, 1 matches DDPM's variance."""
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0, clip_x0: float = 3.0):
+        super().__init__(schedule, num_steps, clip_x0)
+        ab, ab_prev = self.alpha_bar, self.alpha_bar_prev
+        self.sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+
+    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
+        ab, ab_prev, sigma = (v[i].to(x.dtype) for v in (self.alpha_bar, self.alpha_bar_prev, self.sigma))
+        x0 = self.predicted_x0(eps, i, x)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise consistent with the clamped x0
+        out = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if sigma > 0 and not self.is_last(i):
+            out = out + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return out
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int):
+    if name == "ddpm":
+        return DDPMSampler(schedule, num_steps)
+    if name == "ddim":
+        return DDIMSampler(schedule, num_steps)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

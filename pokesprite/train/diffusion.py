@@ -3,7 +3,10 @@
 The VAE and the text transformer are frozen, so their outputs are computed once: the posterior
 (mean, log-variance) of every training sprite and the transformer's hidden states of every caption.
 Each step then samples z from the cached posterior, which keeps the VAE's stochasticity for free.
-The text projection (transformer width -> text.dim) is new, so it trains with the U-Net.
+The text projection (transformer width -> text.dim) is new, so it trains with the U-Net. Captions
+are dropped (replaced by "") with probability ``cond_drop_prob`` so that the model also learns the
+unconditional prediction that classifier-free guidance needs; an EMA of the weights is what gets
+validated, sampled from and saved.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -25,6 +29,7 @@ from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid
 from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, seed_everything
+from pokesprite.train.ema import EMA
 from pokesprite.train.vae import load_vae
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,15 @@ def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, *, generato
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     eps = unet(schedule.add_noise(z0, noise, t), t, context, mask)
     return F.smooth_l1_loss(eps, noise)
+
+
+def drop_captions(hidden, mask, empty_hidden, empty_mask, prob: float, generator=None):
+    """Replace each caption by the empty caption "" with probability ``prob`` (classifier-free guidance)."""
+    drop = torch.rand(len(hidden), generator=generator) < prob
+    if drop.any():
+        hidden, mask = hidden.clone(), mask.clone()
+        hidden[drop], mask[drop] = empty_hidden, empty_mask
+    return hidden, mask
 
 
 def sample_latents(mean, logvar, scale: float, generator=None):
@@ -123,13 +137,17 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     train_cache = LatentCache(vae, text, train_set, device, latent_scale=latent_scale)
     val_cache = LatentCache(vae, text, val_set, device, latent_scale=latent_scale)
 
+    empty_hidden, empty_mask = text.encode_hidden([""], device=device)  # the unconditional "caption"
+
     schedule = NoiseSchedule(cfg.schedule)
     unet = UNet(cfg.unet, context_dim=text_cfg.dim).to(device)
-    params = list(unet.parameters()) + list(text.proj.parameters())
+    trained = nn.ModuleDict({"unet": unet, "proj": text.proj})  # what the optimiser and the EMA see
+    params = list(trained.parameters())
     opt = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
+    ema = EMA(trained, cfg.ema_decay)
     log.info("U-Net: %.2fM parameters, %d train / %d val latents",
              sum(p.numel() for p in unet.parameters()) / 1e6, len(train_cache), len(val_cache))
-    pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale, sample_steps=cfg.sample_steps)
+    pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale, sample=cfg.sample)
     prompts = val_cache.captions[:GRID_PROMPTS]
 
     best, history = math.inf, []
@@ -140,27 +158,32 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
         loader = train_cache.loader(cfg.train.batch_size, shuffle=True, generator=g)
         for mean, logvar, hidden, mask in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None):
             z0 = sample_latents(mean, logvar, latent_scale, g).to(device)
+            hidden, mask = drop_captions(hidden, mask, empty_hidden, empty_mask, cfg.cond_drop_prob, g)
             loss = denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             opt.step()
+            ema.update(trained)
             total += loss.item()
-        metrics = {"train_loss": total / len(loader),
-                   "val_loss": validation_loss(unet, text, schedule, val_cache, device, cfg.train.batch_size)}
+        with ema.averaged(trained):  # validation, samples and the saved model use the EMA weights
+            metrics = {"train_loss": total / len(loader),
+                       "val_loss": validation_loss(unet, text, schedule, val_cache, device, cfg.train.batch_size)}
+            if cfg.train.sample_every and epoch % cfg.train.sample_every == 0:
+                tracker.log_image(sample_grid(pipeline, prompts), f"samples/epoch_{epoch:04d}.png")
         tracker.log_metrics(metrics, step=epoch)
         history.append({"epoch": epoch, **metrics})
         log.info("diffusion epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-        if cfg.train.sample_every and epoch % cfg.train.sample_every == 0:
-            tracker.log_image(sample_grid(pipeline, prompts), f"samples/epoch_{epoch:04d}.png")
-        state = {"kind": "diffusion", "unet_config": to_dict(cfg.unet), "unet": unet.state_dict(),
-                 "text_config": to_dict(text_cfg), "text_proj": text.proj.state_dict(),
-                 "schedule_config": to_dict(cfg.schedule), "sample_steps": cfg.sample_steps,
-                 "vae_checkpoint": str(vae_checkpoint), "epoch": epoch, "history": history}
+        state = {"kind": "diffusion", "unet_config": to_dict(cfg.unet), "unet": ema.shadow["unet"].state_dict(),
+                 "text_config": to_dict(text_cfg), "text_proj": ema.shadow["proj"].state_dict(),
+                 "schedule_config": to_dict(cfg.schedule), "sample": to_dict(cfg.sample),
+                 "cond_drop_prob": cfg.cond_drop_prob, "vae_checkpoint": str(vae_checkpoint), "epoch": epoch,
+                 "history": history}
         if metrics["val_loss"] < best:
             best = metrics["val_loss"]
             atomic_save(state, out_dir / "best.pt")
-        atomic_save({**state, "optimizer": opt.state_dict()}, out_dir / "last.pt")
+        atomic_save({**state, "raw": trained.state_dict(), "optimizer": opt.state_dict(),
+                     "ema_updates": ema.num_updates}, out_dir / "last.pt")
 
     best_ckpt = load_checkpoint(out_dir / "best.pt", "diffusion")
     unet.load_state_dict(best_ckpt["unet"])

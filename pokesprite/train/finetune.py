@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pokesprite.config import DataConfig, FinetuneStageConfig
+from pokesprite.config import DataConfig, FinetuneStageConfig, SampleConfig, from_dict
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.models.text import TextEncoder
 from pokesprite.pipeline import SpritePipeline
@@ -38,10 +38,13 @@ class CaptionLatents(torch.utils.data.Dataset):
         return self.mean[i], self.logvar[i], self.captions[i]
 
 
-def caption_loss(unet, text: TextEncoder, schedule, batch, latent_scale, device, generator=None):
+def caption_loss(unet, text: TextEncoder, schedule, batch, latent_scale, device, generator=None,
+                 drop_prob: float = 0.0):
+    """Denoising loss with live text features; captions become "" with ``drop_prob``, as in stage 2."""
     mean, logvar, captions = batch
     z0 = sample_latents(mean, logvar, latent_scale, generator).to(device)
-    tok = text.tokenize(list(captions), device)
+    drop = (torch.rand(len(captions), generator=generator) < drop_prob).tolist()
+    tok = text.tokenize(["" if d else c for c, d in zip(captions, drop)], device)
     return denoising_loss(unet, schedule, z0, text(**tok), tok["attention_mask"], generator=generator)
 
 
@@ -90,7 +93,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
         text.train()
         total = 0.0
         for batch in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=None):
-            loss = caption_loss(unet, text, schedule, batch, latent_scale, device, g)
+            loss = caption_loss(unet, text, schedule, batch, latent_scale, device, g, diff["cond_drop_prob"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
@@ -107,7 +110,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
 
     text.load_state_dict(best_state)
     pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale,
-                              sample_steps=diff["sample_steps"])
+                              sample=from_dict(SampleConfig, diff["sample"], "diffusion.sample"))
     pipeline.save(out_dir / "model")
     grid = sample_grid(pipeline, val_set.captions[:GRID_PROMPTS])
     grid.save(out_dir / "samples.png")

@@ -1,0 +1,54 @@
+import torch
+
+from pokesprite.config import UNetConfig
+from pokesprite.models.unet import UNet
+from pokesprite.pipeline import guided_eps
+from pokesprite.train.ema import EMA
+from pokesprite.train.diffusion import drop_captions
+
+
+def test_guidance_scale_one_is_the_conditional_prediction():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(channels=(16, 16, 32), heads=2), context_dim=32)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(2, 8, 27, 27), torch.tensor([5, 700])
+    ctx, unc = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    cond = unet(x, t, ctx, mask)
+    uncond = unet(x, t, unc, mask)
+    assert torch.allclose(guided_eps(unet, x, t, ctx, mask, unc, mask, 1.0), cond, atol=1e-5)
+    assert torch.allclose(guided_eps(unet, x, t, ctx, mask, unc, mask, 0.0), uncond, atol=1e-5)
+    assert torch.allclose(guided_eps(unet, x, t, ctx, mask, unc, mask, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
+
+
+def test_ema_known_values_and_swap():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model)  # warm-up decay min(0.9, 2/11): 0 -> 1 - 2/11
+    assert abs(ema.shadow.weight.item() - 9 / 11) < 1e-6
+    for _ in range(200):
+        ema.update(model)
+    assert abs(ema.shadow.weight.item() - 1.0) < 1e-6
+    model.weight.data.fill_(5.0)
+    with ema.averaged(model):
+        assert abs(model.weight.item() - 1.0) < 1e-6
+    assert model.weight.item() == 5.0
+    off = EMA(model, decay=0.0)
+    model.weight.data.fill_(2.0)
+    off.update(model)
+    assert off.shadow.weight.item() == 2.0
+
+
+def test_caption_dropout_rate_and_replacement():
+    hidden, mask = torch.ones(1000, 4, 3), torch.ones(1000, 4, dtype=torch.long)
+    empty_h, empty_m = torch.zeros(1, 4, 3), torch.tensor([[1, 1, 0, 0]])
+    g = torch.Generator().manual_seed(0)
+    h, m = drop_captions(hidden, mask, empty_h, empty_m, 0.1, g)
+    dropped = (h.abs().sum((1, 2)) == 0)
+    assert 60 < dropped.sum() < 140 and (m[dropped] == empty_m).all() and (m[~dropped] == 1).all()
+    assert hidden.sum() == 1000 * 12  # the cached features are not modified
+    h0, _ = drop_captions(hidden, mask, empty_h, empty_m, 0.0, g)
+    assert torch.equal(h0, hidden)
