@@ -2,6 +2,9 @@
 
 The image is padded to 216 (replicating the last row and column) so that three stride-2
 downsamples give 216 -> 108 -> 54 -> 27 exactly; the decoder returns 216 and crops back to 215.
+
+With ``VAEConfig.text_conditioning`` the decoder also attends to the caption's token features (at 27
+and 54 px), as the seed model did; by default it is the plain latent-diffusion autoencoder.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pokesprite.config import VAEConfig
-from pokesprite.models.layers import Downsample, ResBlock, Upsample
+from pokesprite.models.layers import CrossAttentionBlock, Downsample, ResBlock, Upsample
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -39,7 +42,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    """Latent -> 216 px image; with ``context_dim`` it cross-attends to text after the mid block
+    (27 px) and after the first upsample (54 px). Without, its modules are exactly the plain decoder's."""
+
+    def __init__(self, cfg: VAEConfig, context_dim: int = 0):
         super().__init__()
         ch, g = cfg.channels[::-1], cfg.groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
@@ -55,20 +61,51 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = nn.GroupNorm(g, c_prev)
         self.conv_out = nn.Conv2d(c_prev, 3, 3, padding=1)
+        self.first_up = next(i for i, b in enumerate(blocks) if isinstance(b, Upsample))
+        self.text = context_dim > 0
+        if self.text:
+            if ch[0] % cfg.heads:
+                raise ValueError(f"vae.model: decoder width {ch[0]} is not divisible by heads={cfg.heads}")
+            self.mid_attn = CrossAttentionBlock(ch[0], context_dim, heads=cfg.heads, groups=g)
+            self.up_attn = CrossAttentionBlock(ch[0], context_dim, heads=cfg.heads, groups=g)
 
-    def forward(self, z):
-        h = self.blocks(self.mid(self.conv_in(z)))
+    def forward(self, z, context=None, mask=None):
+        check_context(self.text, context, mask)
+        h = self.mid(self.conv_in(z))
+        if self.text:
+            h = self.mid_attn(h, context, mask)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if self.text and i == self.first_up:
+                h = self.up_attn(h, context, mask)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 216, 216)
 
 
+def check_context(text_conditioned: bool, context, mask) -> None:
+    """A text-conditioned decoder needs the caption features; a plain one must not be given any."""
+    if text_conditioned and context is None:
+        raise ValueError("this VAE is text-conditioned (vae.model.text_conditioning): pass the caption "
+                         "features as context=(B, L, context_dim) (and their mask) to decode/forward")
+    if not text_conditioned and (context is not None or mask is not None):
+        raise ValueError("this VAE is not text-conditioned (vae.model.text_conditioning is false) "
+                         "but was given a context/mask; pass neither")
+
+
 class VAE(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    """Image autoencoder; ``context_dim`` (the caption token width) is required when
+    ``cfg.text_conditioning`` is set and ignored otherwise."""
+
+    def __init__(self, cfg: VAEConfig, context_dim: int = 0):
         super().__init__()
+        if cfg.text_conditioning and context_dim <= 0:
+            raise ValueError("vae.model.text_conditioning is true: build the VAE with "
+                             "VAE(cfg, context_dim=<width of the caption token features>)")
         self.cfg = cfg
+        self.context_dim = context_dim if cfg.text_conditioning else 0
         self.padded = cfg.image_size + (-cfg.image_size) % 8
         self.latent_size = self.padded // 8
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder = Decoder(cfg, self.context_dim)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, 215, 215) in [-1, 1] -> mean, logvar, each (B, latent_channels, 27, 27)."""
@@ -77,16 +114,21 @@ class VAE(nn.Module):
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_channels, 27, 27) -> (B, 3, 215, 215), unbounded (clamp to [-1, 1] for display)."""
-        s = self.cfg.image_size
-        return self.decoder(z)[..., :s, :s]
+    def decode(self, z: torch.Tensor, context: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, latent_channels, 27, 27) -> (B, 3, 215, 215), unbounded (clamp to [-1, 1] for display).
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        context (B, L, context_dim) and mask (B, L, True = real token): only for a text-conditioned VAE.
+        """
+        s = self.cfg.image_size
+        return self.decoder(z, context, mask)[..., :s, :s]
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         mean, logvar = self.encode(x)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * noise
-        return self.decode(z), mean, logvar
+        return self.decode(z, context, mask), mean, logvar
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

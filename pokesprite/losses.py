@@ -1,0 +1,71 @@
+"""Training losses: VGG perceptual distance, free-bits KL with its annealed weight, noise prediction."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pokesprite.models.vgg import load_vgg
+
+
+def unit_channels(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Scale the channel vector at every position to unit length (LPIPS), so each block counts alike."""
+    return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class PerceptualLoss(nn.Module):
+    """Distance between frozen-VGG features of a reconstruction and its target (LPIPS without the
+    learned per-channel weights).
+
+    Both images are resized to ``size`` (the VGG's cost grows with its square), fed through the first
+    ``blocks`` VGG blocks, and at every position the unit-length channel vectors are compared: squared
+    Euclidean distance (0..4), averaged over positions and batch, then over blocks.
+    """
+
+    def __init__(self, net: str = "auto", size: int = 112, blocks: int = 3):
+        super().__init__()
+        self.vgg = load_vgg(net)
+        self.size = size
+        self.blocks = blocks
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return [unit_channels(f) for f in self.vgg(x, blocks=self.blocks)]
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """recon, target: (B, 3, H, W) RGB in [-1, 1] -> scalar; gradients flow to ``recon`` only."""
+        with torch.no_grad():
+            target_feats = self.features(target)
+        dists = [(a - b).pow(2).sum(dim=1).mean() for a, b in zip(self.features(recon), target_feats)]
+        return torch.stack(dists).mean()
+
+
+def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) with a floor of ``free_bits`` nats per latent channel.
+
+    Each channel's KL (nats per element, averaged over batch and positions) is clamped below at
+    ``free_bits`` before averaging over channels, so a channel carrying less information than the
+    floor is not pushed further towards the prior (its gradient is zero) - this keeps channels from
+    collapsing. With ``free_bits=0`` it equals ``pokesprite.models.vae.kl_divergence``.
+    """
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, C, H, W)
+    per_channel = kl.transpose(0, 1).flatten(1).mean(dim=1)  # (C,)
+    return per_channel.clamp(min=free_bits).mean()
+
+
+def kl_weight_at(epoch: int, final: float, anneal_epochs: int) -> float:
+    """Linear KL warm-up: 0 at epoch 0 (counted from 0), ``final`` from ``anneal_epochs`` on."""
+    if anneal_epochs <= 0:
+        return final
+    return final * min(1.0, epoch / anneal_epochs)
+
+
+def noise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The diffusion noise-prediction loss: "huber" (smooth L1, beta 1) or "mse"."""
+    if kind == "huber":
+        return F.smooth_l1_loss(pred, target, beta=1.0)
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    raise ValueError(f"unknown noise loss {kind!r}; expected huber or mse")

