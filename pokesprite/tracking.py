@@ -6,6 +6,7 @@ beside it; ``MLFLOW_TRACKING_URI`` overrides it (a server, another database).
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,20 +45,49 @@ def ensure_experiment(name: str, root: Path | None = None) -> str:
 
 
 class Tracker:
-    """Collects per-epoch metrics; subclasses also send them somewhere."""
+    """Collects per-epoch metrics in memory and, given ``tensorboard_dir``, writes TensorBoard events.
 
-    def __init__(self):
+    Per-step scalars (loss, learning rate, gradient norm) go to TensorBoard only; per-epoch metrics
+    and images go everywhere. Subclasses also send them to an experiment tracker.
+    """
+
+    def __init__(self, tensorboard_dir: Path | None = None):
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None and self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir), flush_secs=30)
+        return self._writer
 
     def log_params(self, params: dict) -> None:
         pass
 
+    def log_step(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
             self.history.setdefault(k, []).append((step, float(v)))
+            if self.writer is not None:
+                self.writer.add_scalar(f"epoch/{k}", float(v), step)
 
     def log_image(self, image, name: str) -> None:
-        pass
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image(name.rsplit(".", 1)[0], np.asarray(image.convert("RGB")), dataformats="HWC")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
@@ -75,11 +105,12 @@ class MlflowTracker(Tracker):
         import mlflow
 
         super().log_metrics(metrics, step)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}, step=step)
 
     def log_image(self, image, name: str) -> None:
         import mlflow
 
+        super().log_image(image, name)
         mlflow.log_image(image, name)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

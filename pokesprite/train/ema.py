@@ -28,6 +28,13 @@ class EMA:
         for avg, b in zip(self.shadow.buffers(), model.buffers()):
             avg.copy_(b)
 
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.load_state_dict(state["shadow"])
+        self.num_updates = state["num_updates"]
+
     @contextlib.contextmanager
     def averaged(self, model: torch.nn.Module):
         """Temporarily load the averaged weights into ``model``."""

@@ -1,0 +1,207 @@
+"""The epoch loop every stage shares: AdamW + OneCycleLR, the stability guard, EMA, checkpoints, resume.
+
+A stage supplies what is particular to it as plain functions (``Stage``): how to compute a batch's
+loss, how to build an epoch's batches, how to validate, and what inference weights to export. ``fit``
+does the rest, identically for all three stages:
+
+- AdamW (weight decay from the config) with a one-cycle schedule: ``warmup_frac`` of all steps
+  warming up, then cosine annealing (the seed's OneCycleLR with 10% warm-up);
+- per batch: skip a non-finite loss, back-propagate, skip a non-finite gradient, clip adaptively
+  (``StabilityGuard``), step, update the EMA; log loss, learning rate and gradient norm per step;
+- per epoch: validate, log, write ``last.pt`` (every epoch), ``epoch_NNNN.pt`` (every
+  ``checkpoint_every`` epochs) and ``best.pt`` (when the monitored validation metric improves).
+
+Every checkpoint holds the model, optimiser, LR-scheduler, EMA and guard state, the epoch, all RNG
+states, the stage's config and the history, so ``fit(..., resume=path)`` continues exactly where that
+checkpoint was written: on the CPU, 2 epochs straight and 1 + resume + 1 give identical weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pokesprite.config import TrainConfig, to_dict
+from pokesprite.tracking import Tracker
+from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer
+from pokesprite.train.ema import EMA
+from pokesprite.train.stability import StabilityGuard
+
+log = logging.getLogger(__name__)
+
+
+def progress(iterable, **kwargs):
+    """tqdm that shows only on an interactive terminal and never in CI logs ($CI or a pipe)."""
+    disable = True if os.environ.get("CI") else None
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+@dataclass
+class Stage:
+    """What ``fit`` needs to know about one stage."""
+    name: str  # "vae", "diffusion", "finetune": checkpoint kind and log prefix
+    model: nn.Module  # everything that trains (and whose state is checkpointed)
+    loss: Callable[[object, int], tuple[torch.Tensor, dict]]  # (batch, epoch) -> (loss, extra scalars)
+    batches: Callable[[int], Iterable]  # epoch -> its batches (shuffled with the stage's generator)
+    validate: Callable[[int], dict]  # epoch -> validation metrics (must contain ``monitor``)
+    export: Callable[[], dict]  # inference weights + configs for best.pt / last.pt (merged into them)
+    generator: torch.Generator  # the stage's seeded generator (shuffling, noise); checkpointed
+    steps_per_epoch: int
+    monitor: str = "val_loss"  # lower is better
+    ema_decay: float = 0.0  # > 0: keep an EMA of ``model``; validation and export see the EMA weights
+    on_epoch_end: Callable[[int, dict], None] | None = None  # e.g. log a sample grid
+    config: dict = field(default_factory=dict)  # stage config stored in every checkpoint
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
+    """OneCycleLR: ``warmup_frac`` of the steps from lr/25 up to lr, then cosine down to ~0."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=cfg.warmup_frac,
+        anneal_strategy="cos", cycle_momentum=False)
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best: float
+    best_epoch: int
+    skipped_batches: int
+    explosions: int
+
+
+def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | None = None,
+        resume: Path | None = None) -> FitResult:
+    """Train ``stage`` for ``cfg.epochs`` epochs (or the rest of them, from ``resume``)."""
+    tracker = tracker or Tracker()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = [p for p in stage.model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg, stage.steps_per_epoch)
+    guard = StabilityGuard(cfg, stage.name)
+    ema = EMA(stage.model, stage.ema_decay) if stage.ema_decay > 0 else None
+    history: list[dict] = []
+    best, best_epoch, start = math.inf, 0, 1
+
+    if resume is not None:
+        ckpt = load_checkpoint(resume, stage.name)
+        if "train" not in ckpt:
+            raise ValueError(f"{resume}: holds inference weights only; resume from last.pt or epoch_NNNN.pt")
+        state = ckpt["train"]
+        stage.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        guard.load_state_dict(state["guard"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
+        set_rng_state(state["rng"], stage.generator)
+        start = state["epoch"] + 1
+        log.info("%s: resuming from %s after epoch %d of %d", stage.name, resume, state["epoch"], cfg.epochs)
+
+    def checkpoint(epoch: int, exported: dict) -> dict:
+        return {"kind": stage.name, **exported, "epoch": epoch, "history": history,
+                "train_config": to_dict(cfg), "stage_config": stage.config,
+                "train": {"model": stage.model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "guard": guard.state_dict(),
+                          "ema": ema.state_dict() if ema else None, "epoch": epoch, "history": history,
+                          "best": best, "best_epoch": best_epoch, "rng": rng_state(stage.generator)}}
+
+    step = (start - 1) * stage.steps_per_epoch
+    for epoch in progress(range(start, cfg.epochs + 1), desc=f"{stage.name} epochs", initial=start - 1,
+                          total=cfg.epochs):
+        stage.model.train()
+        sums: dict[str, float] = {}
+        norms: list[float] = []
+        taken = 0
+        skipped_before, explosions_before = guard.skipped, guard.explosions
+        for batch in progress(stage.batches(epoch), desc=f"epoch {epoch}", leave=False,
+                              total=stage.steps_per_epoch):
+            loss, extra = stage.loss(batch, epoch)
+            if not guard.loss_ok(loss):
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm, ok = guard.clip(params)
+            if not ok:
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(stage.model)
+            step += 1
+            taken += 1
+            norms.append(norm)
+            scalars = {"loss": loss.item(), **extra}
+            for k, v in scalars.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            tracker.log_step({**{f"train/{k}": v for k, v in scalars.items()},
+                              "train/lr": sched.get_last_lr()[0], "train/grad_norm": norm}, step)
+
+        metrics = {f"train_{k}": v / max(taken, 1) for k, v in sums.items()}
+        metrics.update({"lr": sched.get_last_lr()[0],
+                        "grad_norm_mean": float(np.mean(norms)) if norms else float("nan"),
+                        "grad_norm_max": float(np.max(norms)) if norms else float("nan"),
+                        "skipped_batches": guard.skipped - skipped_before,
+                        "grad_explosions": guard.explosions - explosions_before})
+        with ema.averaged(stage.model) if ema is not None else contextlib.nullcontext():
+            metrics.update(stage.validate(epoch))
+            if stage.monitor not in metrics:
+                raise KeyError(f"{stage.name}: validation returned no {stage.monitor!r}")
+            improved = metrics[stage.monitor] < best
+            if improved:
+                best, best_epoch = metrics[stage.monitor], epoch
+            history.append({"epoch": epoch, **metrics})
+            tracker.log_metrics(metrics, step=epoch)
+            log.info("%s epoch %d/%d: %s", stage.name, epoch, cfg.epochs,
+                     {k: round(v, 4) for k, v in metrics.items()})
+            if stage.on_epoch_end is not None:
+                stage.on_epoch_end(epoch, metrics)
+            exported = clone_tensors(stage.export())  # copies: the EMA context swaps weights back on exit
+        ckpt = checkpoint(epoch, exported)
+        if improved:
+            atomic_save(ckpt, out_dir / "best.pt")
+        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+            atomic_save(ckpt, out_dir / f"epoch_{epoch:04d}.pt")
+        atomic_save(ckpt, out_dir / "last.pt")
+
+    return FitResult(history, best, best_epoch, guard.skipped, guard.explosions)
+
+
+def clone_tensors(obj):
+    """Deep copy of the tensors in a nested dict/list (other values are shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, clone_tensors(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tensors(v) for v in obj)
+    return obj

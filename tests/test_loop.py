@@ -1,0 +1,140 @@
+"""The shared training loop: one-cycle LR, the stability guard, checkpoints and exact resume."""
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pokesprite.config import TrainConfig
+from pokesprite.tracking import Tracker
+from pokesprite.train.common import load_checkpoint
+from pokesprite.train.loop import Stage, fit, make_scheduler
+from pokesprite.train.stability import TrainingDiverged
+
+STEPS = 20  # batches per epoch of the toy stage
+
+
+def toy_stage(*, bad_steps=(), inf_grad_steps=(), huge_steps=(), ema_decay=0.0, seed=0):
+    """Linear regression on fresh random batches; chosen global steps give a NaN loss, an inf gradient or x1e4."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 1)
+    w_true = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    calls = {"n": 0}
+
+    def batches(epoch):
+        for _ in range(STEPS):
+            x = torch.randn(16, 4, generator=g)
+            yield x, x @ w_true.T
+
+    def loss(batch, epoch):
+        calls["n"] += 1
+        x, y = batch
+        out = ((model(x) - y) ** 2).mean()
+        if calls["n"] in bad_steps:
+            out = out * float("nan")
+        if calls["n"] in huge_steps:
+            out = out * 1e4
+        if calls["n"] in inf_grad_steps:
+            out = out + model.weight.sum() * 0.0
+            out.register_hook(lambda grad: grad * float("inf"))
+        return out, {}
+
+    @torch.no_grad()
+    def validate(epoch):
+        return {"val_loss": float(((model.weight - w_true) ** 2).sum())}
+
+    return Stage(name="toy", model=model, loss=loss, batches=batches, validate=validate,
+                 export=lambda: {"weights": model.state_dict()}, generator=g, steps_per_epoch=STEPS,
+                 ema_decay=ema_decay, config={"toy": True})
+
+
+def cfg(**kw):
+    base = dict(epochs=3, batch_size=16, lr=0.2, weight_decay=0.0, warmup_frac=0.1, grad_clip=10.0,
+                max_bad_batches=50, checkpoint_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_onecycle_warms_up_for_ten_percent_then_anneals_to_zero():
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    c = cfg(epochs=10, lr=1e-3)
+    sched = make_scheduler(opt, c, steps_per_epoch=10)  # 100 steps, peak after 10
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 25)
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9  # the 10th of 100 steps
+    assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_fit_learns_and_writes_best_last_and_periodic_checkpoints(tmp_path):
+    tracker = Tracker()
+    stage = toy_stage()
+    start = stage.validate(0)["val_loss"]
+    result = fit(stage, cfg(checkpoint_every=2), out_dir=tmp_path, tracker=tracker)
+    assert result.history[-1]["val_loss"] < 0.01 * start
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "epoch_0002.pt", "last.pt"]
+    ckpt = load_checkpoint(tmp_path / "last.pt", "toy")
+    assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3 and ckpt["stage_config"] == {"toy": True}
+    assert set(ckpt["train"]) >= {"model", "optimizer", "scheduler", "ema", "guard", "rng", "history", "epoch"}
+    assert ckpt["train_config"]["lr"] == 0.2
+    for key in ("lr", "grad_norm_mean", "grad_norm_max", "skipped_batches", "grad_explosions"):
+        assert len(tracker.history[key]) == 3
+
+
+def test_nan_loss_and_inf_gradient_batches_are_skipped_and_counted(tmp_path):
+    stage = toy_stage(bad_steps={3, 5}, inf_grad_steps={25})  # epoch 1 has steps 1-20
+    tracker = Tracker()
+    result = fit(stage, cfg(), out_dir=tmp_path, tracker=tracker)
+    assert result.skipped_batches == 3
+    assert [v for _, v in tracker.history["skipped_batches"]] == [2, 1, 0]
+    assert all(torch.isfinite(p).all() for p in stage.model.parameters())
+    assert result.history[-1]["val_loss"] < 1.5  # training went on normally
+
+
+def test_too_many_bad_batches_stop_with_a_clear_message(tmp_path):
+    stage = toy_stage(bad_steps=set(range(1, 100)))
+    with pytest.raises(TrainingDiverged, match=r"toy: stopped after 5 batches .* Lower toy.train.lr"):
+        fit(stage, cfg(max_bad_batches=5), out_dir=tmp_path)
+
+
+def test_gradient_explosion_is_detected_and_clipped_to_the_running_norm(tmp_path):
+    tracker = Tracker()
+    ok = fit(toy_stage(), cfg(epochs=2), out_dir=tmp_path / "a", tracker=Tracker())
+    result = fit(toy_stage(huge_steps={30}), cfg(epochs=2), out_dir=tmp_path / "b", tracker=tracker)
+    assert result.explosions == 1 and ok.explosions == 0
+    # clipped to the typical norm, the 10000x batch barely changes the outcome
+    assert result.history[-1]["val_loss"] < 2 * ok.history[-1]["val_loss"] + 0.05
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_from_a_mid_run_checkpoint_equals_the_straight_run(tmp_path, ema_decay):
+    fit(toy_stage(ema_decay=ema_decay), cfg(), out_dir=tmp_path / "straight")
+    resumed_stage = toy_stage(ema_decay=ema_decay, seed=99)  # different init and RNG: all must come from the file
+    fit(resumed_stage, cfg(), out_dir=tmp_path / "resumed", resume=tmp_path / "straight" / "epoch_0001.pt")
+    a = load_checkpoint(tmp_path / "straight" / "last.pt", "toy")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt", "toy")
+    for k in ("weights",):
+        for name in a[k]:
+            assert torch.equal(a[k][name], b[k][name]), name
+    assert a["history"] == b["history"]
+
+
+def test_resume_refuses_an_inference_only_checkpoint(tmp_path):
+    fit(toy_stage(), cfg(epochs=1), out_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt", "toy")
+    del ckpt["train"]
+    torch.save(ckpt, tmp_path / "weights_only.pt")
+    with pytest.raises(ValueError, match="inference weights only"):
+        fit(toy_stage(), cfg(epochs=1), out_dir=tmp_path / "x", resume=tmp_path / "weights_only.pt")
+
+
+def test_bad_train_config_is_refused():
+    from pokesprite.config import ConfigError
+
+    with pytest.raises(ConfigError, match="warmup_frac"):
+        dataclasses.replace(cfg(), warmup_frac=1.5)
+    assert math.isclose(cfg().warmup_frac, 0.1)
