@@ -1,0 +1,495 @@
+"""Text-image alignment model that scores stage 3's sprites against their captions (a small CLIP).
+
+No CLIP weights can be downloaded, so by default pokesprite trains its own on the training split:
+two FROZEN pretrained towers with small trainable projection heads on top, trained with
+open_clip's contrastive ``ClipLoss``.
+
+* text tower: a separate frozen copy of the bundled all-MiniLM-L6-v2, mean-pooled over the
+  attention mask (as sentence-transformers pools this model) -> 384-d;
+* image tower: ImageNet VGG19 conv features (``pokesprite.models.vgg``) of the sprite resized to
+  ``image_size``: the last ReLU map of block 4, global average + max pooled -> 2 x 512-d. On the
+  real validation split block 4 beat block 5 (val ClipLoss 4.07 vs 4.29, top-1 0.17 vs 0.10; one
+  seed, no dropout) and avg + max beat avg alone (4.07 vs 4.17);
+* heads: standardise the tower features with the training split's statistics, dropout, then one
+  linear projection to ``dim``; L2-normalised outputs and a learnable CLIP temperature. With ~700
+  pairs the heads overfit within a few epochs; a 2-layer MLP head gave no better validation loss,
+  while input dropout 0.5 raised validation retrieval a little (``head_hidden`` keeps the MLP option).
+
+Because the towers are frozen, ``train_alignment`` runs them once over the data and trains only the
+heads on the cached features (seconds on a CPU). When ``AlignmentConfig.clip_checkpoint`` names a
+pretrained open_clip checkpoint file, ``OpenClipAlignment`` wraps it behind the same interface.
+
+Both models share: ``encode_text(captions) -> (B, D)``, ``encode_image(images in [-1, 1]) -> (B, D)``
+(unit norm; gradients flow back to the images), ``logit_scale`` (the log temperature parameter, as
+in CLIP) and ``scale`` (its exponential clamped at 100, what multiplies the cosines in the loss).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pokesprite.config import AlignmentConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "alignment"
+TEXT_MAX_TOKENS = 256  # captions are up to ~206 MiniLM tokens
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the scale at 100
+VGG_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}  # output channels of each VGG block (16 and 19)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _exp_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """exp of the log temperature, clamped at 100 as in CLIP."""
+    return logit_scale.exp().clamp(max=100.0)
+
+
+def _resize(images: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    """Differentiable antialiased resize of (B, 3, H, W) images to ``size`` (int or (h, w))."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+@torch.no_grad()
+def _batched(fn: Callable, items, batch_size: int, device) -> torch.Tensor:
+    """Run ``fn`` over ``items`` (a tensor or a list) in batches without gradients; concatenate on CPU."""
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.to(device)
+        out.append(fn(chunk).float().cpu())
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _one_thread(device):
+    """Run tiny CPU ops on one thread: for the heads' small matmuls, intra-op threads only add overhead
+    (measured ~10x slower per step with 2 threads on a busy 2-core machine)."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Frozen(nn.Module):
+    """Base of the alignment models: ``freeze()`` and towers that never leave eval mode."""
+
+    def freeze(self):
+        """Freeze every weight (towers, heads, temperature), drop stale gradients, switch to eval; returns self."""
+        self.requires_grad_(False)
+        for p in self.parameters():
+            p.grad = None
+        return self.eval()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The CLIP temperature exp(logit_scale), clamped at 100."""
+        return _exp_scale(self.logit_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def score(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Cosine similarity of each image with its own caption, (B,); differentiable w.r.t. the images."""
+        return (self.encode_image(images) * self.encode_text(captions)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- the model trained here
+
+class ProjectionHead(nn.Module):
+    """Standardise frozen tower features (training-split statistics), then project to ``dim``.
+
+    ``hidden=0`` is a single linear layer; ``hidden>0`` a 2-layer GELU MLP. Dropout acts on the
+    standardised input features during training only.
+    """
+
+    def __init__(self, in_dim: int, dim: int, *, hidden: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden:
+            layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, dim)]
+        else:
+            layers += [nn.Linear(in_dim, dim)]
+        self.net = nn.Sequential(*layers)
+
+    @torch.no_grad()
+    def fit_stats(self, features: torch.Tensor) -> None:
+        """Set the standardisation from (N, in_dim) training features."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build_text_tower(name: str = "bundled"):
+    """A frozen BERT-family transformer and its tokenizer (the bundled all-MiniLM-L6-v2 by default)."""
+    from transformers import AutoModel
+
+    from pokesprite.models.text import load_tokenizer, resolve_model_path
+
+    transformer = AutoModel.from_pretrained(resolve_model_path(name))
+    return transformer.requires_grad_(False).eval(), load_tokenizer(name)
+
+
+def build_image_tower(name: str = "vgg19") -> nn.Module:
+    """The frozen ImageNet VGG feature extractor of ``pokesprite.models.vgg``."""
+    from pokesprite.models.vgg import load_vgg
+
+    return load_vgg(name).requires_grad_(False).eval()
+
+
+class AlignmentModel(_Frozen):
+    """Frozen MiniLM + VGG towers with trainable projection heads to a shared ``dim``-d space."""
+
+    def __init__(self, *, dim: int = 256, image_size: int = 112, text_model: str = "bundled",
+                 vgg: str = "vgg19", vgg_blocks: int = 4, max_pool: bool = True, head_hidden: int = 0,
+                 head_dropout: float = 0.5):
+        super().__init__()
+        self.hparams = {"dim": dim, "image_size": image_size, "text_model": text_model, "vgg": vgg,
+                        "vgg_blocks": vgg_blocks, "max_pool": max_pool, "head_hidden": head_hidden,
+                        "head_dropout": head_dropout}
+        self.image_size, self.vgg_blocks, self.max_pool = image_size, vgg_blocks, max_pool
+        self.text_tower, self.tokenizer = build_text_tower(text_model)
+        self.image_tower = build_image_tower(vgg)
+        text_dim = self.text_tower.config.hidden_size
+        image_dim = VGG_CHANNELS[vgg_blocks] * (2 if max_pool else 1)
+        self.text_head = ProjectionHead(text_dim, dim, hidden=head_hidden, dropout=head_dropout)
+        self.image_head = ProjectionHead(image_dim, dim, hidden=head_hidden, dropout=head_dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+
+    def train(self, mode: bool = True):
+        """Only the heads switch mode: the frozen towers always run in eval (no dropout)."""
+        super().train(mode)
+        self.text_tower.eval()
+        self.image_tower.eval()
+        return self
+
+    # -- towers (frozen; their outputs can be cached) --
+
+    def text_features(self, captions: list[str]) -> torch.Tensor:
+        """Mean-pooled last hidden states of the frozen text tower, (B, 384)."""
+        tok = self.tokenizer(list(captions), padding=True, truncation=True, max_length=TEXT_MAX_TOKENS,
+                             return_tensors="pt").to(self.device)
+        hidden = self.text_tower(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Globally pooled VGG features (block ``vgg_blocks``) of images in [-1, 1], (B, 512 or 1024);
+        differentiable with respect to the images."""
+        x = _resize(images.to(self.device), self.image_size)
+        fmap = self.image_tower(x, blocks=self.vgg_blocks)[-1]
+        pooled = [fmap.mean((2, 3))]
+        if self.max_pool:
+            pooled.append(fmap.amax((2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    # -- joint space --
+
+    def embed_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Cached text-tower features -> unit-norm joint embeddings."""
+        return F.normalize(self.text_head(features), dim=-1)
+
+    def embed_image(self, features: torch.Tensor) -> torch.Tensor:
+        """Cached image-tower features -> unit-norm joint embeddings."""
+        return F.normalize(self.image_head(features), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.embed_text(self.text_features(captions))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_image(self.image_features(images))
+
+    # -- persistence --
+
+    def trained_state(self) -> dict:
+        """What training changes: the heads (with their statistics) and the temperature."""
+        return {"text_head": copy.deepcopy(self.text_head.state_dict()),
+                "image_head": copy.deepcopy(self.image_head.state_dict()),
+                "logit_scale": self.logit_scale.detach().clone()}
+
+    def load_trained_state(self, state: dict) -> None:
+        self.text_head.load_state_dict(state["text_head"])
+        self.image_head.load_state_dict(state["image_head"])
+        with torch.no_grad():
+            self.logit_scale.copy_(state["logit_scale"])
+
+    def save(self, path: Path, cfg: AlignmentConfig | None = None, history: list[dict] | None = None) -> None:
+        """Atomically write the heads, temperature and tower names (not the towers' weights)."""
+        from pokesprite.train.common import atomic_save
+
+        state = {k: v.cpu() if isinstance(v, torch.Tensor) else {n: t.cpu() for n, t in v.items()}
+                 for k, v in self.trained_state().items()}
+        atomic_save({"kind": CHECKPOINT_KIND, "hparams": self.hparams, "state": state,
+                     "config": asdict(cfg) if cfg is not None else None, "history": history or []}, path)
+
+    @classmethod
+    def load(cls, path: Path, device="cpu") -> AlignmentModel:
+        """Rebuild the frozen towers from the installed packages and load the saved heads; frozen."""
+        from pokesprite.train.common import load_checkpoint
+
+        ckpt = load_checkpoint(path, CHECKPOINT_KIND)
+        model = cls(**ckpt["hparams"])
+        model.load_trained_state(ckpt["state"])
+        return model.to(device).freeze()
+
+
+# ----------------------------------------------------------------------------- a pretrained open_clip model
+
+class OpenClipAlignment(_Frozen):
+    """A pretrained open_clip model behind the alignment interface, frozen (a SigLIP ``logit_bias`` is
+    not exposed: ``scale`` and the cosines are what the interface offers).
+
+    Our [-1, 1] sprites are mapped to [0, 1], resized (differentiably) to the model's input size
+    with its interpolation, and normalised with its mean and std; sprites are square, so this equals
+    open_clip's resize + centre crop.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, preprocess_cfg: dict):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.input_size = preprocess_cfg.get("size", 224)
+        self.interpolation = "bicubic" if preprocess_cfg.get("interpolation") == "bicubic" else "bilinear"
+        self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, model_name: str = "ViT-B-32",
+                        device="cpu") -> OpenClipAlignment:
+        """Build ``model_name`` with the weights of the local checkpoint file (never a download tag)."""
+        import open_clip
+
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"alignment.clip_checkpoint {str(path)!r}: no such file; give a local "
+                                    "open_clip checkpoint, or leave clip_checkpoint empty to train the "
+                                    "alignment model here")
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device)
+        tokenizer = open_clip.get_tokenizer(model_name)
+        return cls(model, tokenizer, open_clip.get_model_preprocess_cfg(model)).to(device)
+
+    def train(self, mode: bool = True):
+        """The wrapped model stays in eval mode."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(captions)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = _resize(images.to(self.device).add(1).mul(0.5), self.input_size, self.interpolation)
+        return self.model.encode_image((x - self.mean) / self.std, normalize=True)
+
+
+def load_alignment(cfg: AlignmentConfig, *, device="cpu", trained: Path | None = None):
+    """The alignment model to score with, or None when one must be trained first.
+
+    ``cfg.clip_checkpoint`` set -> ``OpenClipAlignment`` over that file; otherwise the
+    ``AlignmentModel`` saved at ``trained`` if that file exists; otherwise None (call
+    ``train_alignment`` and ``save`` it).
+    """
+    if cfg.clip_checkpoint:
+        return OpenClipAlignment.from_checkpoint(cfg.clip_checkpoint, cfg.clip_model, device=device)
+    if trained is not None and Path(trained).is_file():
+        return AlignmentModel.load(trained, device)
+    return None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def similarity_matrix(model, images: torch.Tensor, captions: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(N, N) cosine similarities on CPU: row i = image i, column j = caption j."""
+    img = _batched(model.encode_image, images, batch_size, model.device)
+    txt = _batched(model.encode_text, list(captions), batch_size, model.device)
+    return img @ txt.T
+
+
+def _wins(sim: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row: does the diagonal beat every masked-in off-diagonal entry (ties count as losses)?"""
+    others = sim.masked_fill(~mask, float("-inf"))
+    return sim.diagonal() > others.amax(1)
+
+
+def retrieval_accuracy(sim: torch.Tensor) -> float:
+    """Top-1 image->text retrieval over all N captions: the rate at which an image's own caption
+    scores strictly highest in its row (a tie with another caption counts as a miss)."""
+    off_diag = ~torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    return _wins(sim, off_diag).float().mean().item()
+
+
+def r_precision(sim: torch.Tensor, candidates: int = 32, generator: torch.Generator | None = None) -> float:
+    """R-precision (R=1): for each image, the rate at which its own caption ranks strictly first among
+    itself and ``candidates - 1`` other captions drawn at random (without replacement) per image.
+
+    With N < ``candidates`` every caption is a candidate, which equals ``retrieval_accuracy``.
+    """
+    n = len(sim)
+    k = min(candidates, n) - 1
+    noise = torch.rand(n, n, generator=generator).to(sim.device)
+    noise.fill_diagonal_(float("inf"))  # never draw an image's own caption as a distractor
+    picked = noise.topk(k, dim=1, largest=False).indices
+    mask = torch.zeros(n, n, dtype=torch.bool, device=sim.device).scatter_(1, picked, True)
+    return _wins(sim, mask).float().mean().item()
+
+
+def mean_matched_cosine(sim: torch.Tensor) -> float:
+    """Mean cosine of each image with its own caption (the diagonal)."""
+    return sim.diagonal().mean().item()
+
+
+def retrieval_metrics(sim: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """Top-1, R-precision@32 (seeded candidates) and mean matched cosine of a similarity matrix."""
+    return {"top1": retrieval_accuracy(sim),
+            "r_precision": r_precision(sim, generator=torch.Generator().manual_seed(seed)),
+            "matched_cosine": mean_matched_cosine(sim)}
+
+
+# ----------------------------------------------------------------------------- training
+
+def cache_features(model: AlignmentModel, images: torch.Tensor, captions: list[str],
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen towers once: (N, image_dim) and (N, text_dim) features on CPU."""
+    was_training = model.training
+    model.eval()
+    img = _batched(model.image_features, images, batch_size, model.device)
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # batches of similar length pad less
+    by_length = _batched(model.text_features, [captions[i] for i in order], batch_size, model.device)
+    txt = torch.empty_like(by_length)
+    txt[order] = by_length
+    model.train(was_training)
+    return img, txt
+
+
+@torch.no_grad()
+def evaluate_cached(model: AlignmentModel, loss_fn, img: torch.Tensor, txt: torch.Tensor,
+                    seed: int = 0) -> dict[str, float]:
+    """Loss over the whole set at once, plus retrieval metrics, from cached tower features."""
+    was_training = model.training
+    model.eval()
+    zi, zt = model.embed_image(img), model.embed_text(txt)
+    metrics = {"loss": loss_fn(zi, zt, model.scale).item(), **retrieval_metrics((zi @ zt.T).cpu(), seed)}
+    model.train(was_training)
+    return metrics
+
+
+def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Tensor, torch.Tensor],
+              val: tuple[torch.Tensor, torch.Tensor] | None = None, *, seed: int,
+              log: Callable[[dict, int], None] | None = None, weight_decay: float = 0.1) -> list[dict]:
+    """Train the heads and temperature on cached (image, text) tower features; returns per-epoch metrics.
+
+    AdamW (cosine-decayed ``cfg.lr``; weight decay on the weight matrices only) with open_clip's
+    ``ClipLoss`` for ``cfg.epochs`` epochs over seeded shuffled batches of ``cfg.batch_size``; the
+    temperature is clamped at 100 after each step, as in CLIP. The heads' standardisation is fitted
+    on ``train`` first. The state with the lowest validation ClipLoss (the whole validation set as one
+    batch) is restored at the end; without ``val`` (or with fewer than 2 pairs) the last one is kept.
+    ``log(metrics, epoch)`` (e.g. ``Tracker.log_metrics``) receives each epoch's metrics.
+    """
+    from open_clip.loss import ClipLoss
+
+    tr_img, tr_txt = train
+    has_val = val is not None and len(val[0]) >= 2
+    model.image_head.fit_stats(tr_img)
+    model.text_head.fit_stats(tr_txt)
+    loss_fn = ClipLoss()
+    head_params = [p for head in (model.text_head, model.image_head) for p in head.parameters()]
+    opt = torch.optim.AdamW([{"params": [p for p in head_params if p.ndim > 1], "weight_decay": weight_decay},
+                             {"params": [p for p in head_params if p.ndim <= 1] + [model.logit_scale],
+                              "weight_decay": 0.0}], lr=cfg.lr)
+    n = len(tr_img)  # a final batch of a single pair has nothing to contrast with: skipped
+    batches = [(i, min(i + cfg.batch_size, n)) for i in range(0, n, cfg.batch_size) if n - i >= 2]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * len(batches)))
+    g = torch.Generator().manual_seed(seed)
+
+    history, best, best_loss = [], None, float("inf")
+    t0 = time.perf_counter()
+    model.train()
+    with _one_thread(tr_img.device):
+        for epoch in range(1, cfg.epochs + 1):
+            metrics = _train_epoch(model, loss_fn, opt, sched, tr_img, tr_txt, batches, g)
+            if has_val:
+                metrics.update({f"val_{k}": v for k, v in evaluate_cached(model, loss_fn, *val, seed).items()})
+                if metrics["val_loss"] < best_loss:
+                    best_loss, best = metrics["val_loss"], model.trained_state()
+            history.append({"epoch": epoch, **metrics, "elapsed_s": time.perf_counter() - t0})
+            if log is not None:
+                log(metrics, epoch)
+            logger.debug("alignment epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+    if best is not None:
+        model.load_trained_state(best)
+    model.eval()
+    return history
+
+
+def _train_epoch(model, loss_fn, opt, sched, img, txt, batches, generator) -> dict[str, float]:
+    """One shuffled pass of ClipLoss steps over cached features; the temperature is clamped at 100."""
+    perm = torch.randperm(len(img), generator=generator).to(img.device)
+    total = 0.0
+    for start, end in batches:
+        idx = perm[start:end]
+        loss = loss_fn(model.embed_image(img[idx]), model.embed_text(txt[idx]), model.scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        total += loss.item() * len(idx)
+    return {"train_loss": total / max(1, sum(e - s for s, e in batches)), "logit_scale": model.scale.item()}
+
+
+def train_alignment(cfg: AlignmentConfig, train_images: torch.Tensor, train_captions: list[str],
+                    val_images: torch.Tensor | None, val_captions: list[str] | None, *, seed: int, device="cpu",
+                    log: Callable[[dict, int], None] | None = None, weight_decay: float = 0.1,
+                    **model_kwargs) -> tuple[AlignmentModel, list[dict]]:
+    """Build an ``AlignmentModel``, cache its towers' features once, train its heads; return it frozen.
+
+    Images are (N, 3, H, W) in [-1, 1]. See ``fit_heads`` for the training and the model selection
+    (lowest validation ClipLoss). ``model_kwargs`` go to ``AlignmentModel`` (e.g. ``head_hidden``,
+    ``vgg_blocks``). Reseeds torch's global RNG with ``seed`` (head initialisation, dropout).
+    """
+    torch.manual_seed(seed)
+    model = AlignmentModel(dim=cfg.dim, image_size=cfg.image_size, **model_kwargs).to(device)
+    t0 = time.perf_counter()
+    train = tuple(t.to(device) for t in cache_features(model, train_images, train_captions, cfg.batch_size))
+    val = None
+    if val_images is not None and val_captions:
+        val = tuple(t.to(device) for t in cache_features(model, val_images, val_captions, cfg.batch_size))
+    logger.info("alignment: cached %d train / %d val tower features in %.1fs", len(train[0]),
+                len(val[0]) if val else 0, time.perf_counter() - t0)
+    history = fit_heads(model, cfg, train, val, seed=seed, log=log, weight_decay=weight_decay)
+    best = min(history, key=lambda h: h.get("val_loss", float("inf")))
+    logger.info("alignment: trained heads for %d epochs in %.1fs; best %s", cfg.epochs,
+                history[-1]["elapsed_s"], {k: round(v, 4) for k, v in best.items()})
+    return model.freeze(), history
