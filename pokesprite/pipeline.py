@@ -41,10 +41,11 @@ def guided_eps(unet, x, t, context, mask, uncond_context, uncond_mask, scale: fl
 
 class SpritePipeline:
     def __init__(self, vae: VAE, unet: UNet, text: TextEncoder, schedule: NoiseSchedule, *,
-                 latent_scale: float, sample: SampleConfig):
+                 latent_scale: float, sample: SampleConfig, latent_clamp: float = 3.0):
         self.vae, self.unet, self.text, self.schedule = vae, unet, text, schedule
         self.latent_scale = latent_scale
         self.sample = sample
+        self.latent_clamp = latent_clamp  # predicted x0 (scaled latents) clamped to +-this; 0 = off
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +76,7 @@ class SpritePipeline:
                 empty = self.text.tokenize([""] * n, device)
                 uncond, uncond_mask = self.text(**empty), empty["attention_mask"]
             steps = self.sample.steps if num_steps is None else int(num_steps)
-            sampler_ = make_sampler(sampler or self.sample.sampler, self.schedule, steps)
+            sampler_ = make_sampler(sampler or self.sample.sampler, self.schedule, steps, self.latent_clamp)
             c, s = self.unet.cfg.latent_channels, self.vae.latent_size
             x = torch.randn((n, c, s, s), generator=g).to(device)
             for i, t in enumerate(sampler_.timesteps):
@@ -85,11 +86,19 @@ class SpritePipeline:
                 else:
                     eps = guided_eps(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
                 x = sampler_.step(eps, i, x, generator=g)
-            images = self.vae.decode(x / self.latent_scale)
+            images = self.decode(x, tok)
             return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
+
+    def decode(self, z: torch.Tensor, tok: dict | None = None) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (unclamped); a text-conditioned VAE also reads the caption tokens."""
+        if self.vae.cfg.text_conditioning:
+            if tok is None:
+                raise ValueError("this VAE decodes with the caption: pass its tokens")
+            return self.vae.decode(z / self.latent_scale, self.text.hidden_states(**tok), tok["attention_mask"])
+        return self.vae.decode(z / self.latent_scale)
 
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
@@ -97,12 +106,14 @@ class SpritePipeline:
         self.text.save_transformer(directory / TEXT_DIR)
         atomic_save({
             "kind": "pipeline",
-            "vae": {"config": to_dict(self.vae.cfg), "state_dict": self.vae.state_dict()},
+            "vae": {"config": to_dict(self.vae.cfg), "state_dict": self.vae.state_dict(),
+                    "context_dim": self.vae.context_dim},
             "unet": {"config": to_dict(self.unet.cfg), "state_dict": self.unet.state_dict()},
             "text": {"dim": self.text.proj.out_features, "max_tokens": self.text.max_tokens,
                      "proj": self.text.proj.state_dict()},
             "schedule": to_dict(self.schedule.cfg),
             "latent_scale": self.latent_scale,
+            "latent_clamp": self.latent_clamp,
             "sample": to_dict(self.sample),
         }, directory / PIPELINE_FILE)
         return directory
@@ -114,7 +125,7 @@ class SpritePipeline:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a saved pokesprite pipeline")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        vae = VAE(from_dict(VAEConfig, ckpt["vae"]["config"], "vae"))
+        vae = VAE(from_dict(VAEConfig, ckpt["vae"]["config"], "vae"), context_dim=ckpt["vae"].get("context_dim") or 0)
         vae.load_state_dict(ckpt["vae"]["state_dict"])
         text = TextEncoder.from_pretrained(str(directory / TEXT_DIR), dim=ckpt["text"]["dim"],
                                            max_tokens=ckpt["text"]["max_tokens"])
@@ -125,7 +136,8 @@ class SpritePipeline:
         for m in (vae, unet, text):
             m.to(device).eval()
         return cls(vae, unet, text, schedule, latent_scale=ckpt["latent_scale"],
-                   sample=from_dict(SampleConfig, ckpt["sample"], "sample"))
+                   sample=from_dict(SampleConfig, ckpt["sample"], "sample"),
+                   latent_clamp=ckpt.get("latent_clamp", 3.0))
 
     @staticmethod
     def sample_defaults(directory: Path) -> SampleConfig:

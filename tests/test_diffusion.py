@@ -83,3 +83,43 @@ def test_ddim_with_eta_one_has_the_ddpm_variance():
 def test_unknown_sampler_is_named():
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         make_sampler("euler", NoiseSchedule(ScheduleConfig()), 10)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_samplers_clamp_predicted_x0_to_the_latent_range(name):
+    """An oracle for x0 = 10 everywhere: with the seed's +-3 clamp the samples end at 3, with 0 (off) at 10."""
+    sched = NoiseSchedule(ScheduleConfig())
+    x0 = torch.full((1, 8, 27, 27), 10.0)
+    for clamp, expected in ((3.0, 3.0), (0.0, 10.0)):
+        sampler = make_sampler(name, sched, 5, clamp)
+        x = torch.randn(1, 8, 27, 27, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(sampler.timesteps):
+            ab = sched.alphas_cumprod[t].float()
+            x = sampler.step((x - ab.sqrt() * x0) / (1 - ab).sqrt(), i, x)
+        assert torch.allclose(x, torch.full_like(x, expected), atol=1e-3), (clamp, x.mean())
+
+
+def test_training_latents_are_clamped_and_the_loss_kind_is_used():
+    from pokesprite.train.diffusion import denoising_loss, sample_latents
+
+    mean, logvar = torch.tensor([[-5.0, 0.5, 5.0]]), torch.full((1, 3), -60.0)  # ~no posterior noise
+    assert sample_latents(mean, logvar, 1.0, clamp=3.0).tolist() == [[-3.0, 0.5, 3.0]]
+    assert sample_latents(mean, logvar, 1.0, clamp=0.0).tolist() == [[-5.0, 0.5, 5.0]]
+
+    class Zero(torch.nn.Module):  # predicts eps = 0, so the loss is a function of the noise alone
+        def forward(self, x, t, context, mask):
+            return torch.zeros_like(x)
+
+    sched = NoiseSchedule(ScheduleConfig())
+    z0 = torch.zeros(4, 8, 27, 27)
+    args = (Zero(), sched, z0, None, None)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
+    mse = denoising_loss(*args, generator=torch.Generator().manual_seed(3), kind="mse")
+    huber = denoising_loss(*args, generator=torch.Generator().manual_seed(3), kind="huber")
+    # same generator order: timesteps first, then the noise
+    g = torch.Generator().manual_seed(3)
+    sched.sample_timesteps(4, g)
+    noise = torch.randn(z0.shape, generator=g)
+    assert mse.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-5)
+    a = noise.abs()
+    assert huber.item() == pytest.approx(torch.where(a < 1, 0.5 * a ** 2, a - 0.5).mean().item(), rel=1e-5)

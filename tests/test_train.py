@@ -11,6 +11,7 @@ from pokesprite.train.common import load_checkpoint
 from pokesprite.train.diffusion import load_diffusion, train_diffusion
 from pokesprite.train.finetune import train_finetune
 from pokesprite.train.vae import load_vae, train_vae
+from pokesprite.tracking import Tracker
 
 
 def with_train(stage_cfg, **changes):
@@ -31,7 +32,7 @@ def vae_run(processed, tiny_params, tmp_path_factory):
 @pytest.fixture(scope="module")
 def diffusion_run(processed, tiny_params, vae_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusion")
-    cfg = with_train(tiny_params.diffusion, epochs=30, max_train_items=4, batch_size=4, lr=2e-3, sample_every=0)
+    cfg = with_train(tiny_params.diffusion, epochs=30, max_train_items=4, batch_size=4, lr=6e-3, sample_every=0)
     from pokesprite.tracking import Tracker
 
     tracker = Tracker()
@@ -66,12 +67,28 @@ def test_diffusion_loss_falls(diffusion_run):
     assert (out / "samples.png").is_file()
 
 
+@pytest.fixture(scope="module")
+def alignment(processed, tiny_params):
+    from pokesprite.data.dataset import SpriteDataset
+    from pokesprite.models.alignment import train_alignment
+
+    sets = [SpriteDataset(processed, split, tiny_params.data) for split in ("train", "val")]
+    images = [torch.stack([ds[i][0] for i in range(len(ds))]) for ds in sets]
+    model, _ = train_alignment(tiny_params.finetune.alignment, images[0], sets[0].captions, images[1],
+                               sets[1].captions, seed=0)
+    return model
+
+
 def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, tiny_params, vae_run,
-                                                                   diffusion_run, tmp_path):
-    cfg = with_train(tiny_params.finetune, epochs=2, max_train_items=4)
+                                                                   diffusion_run, alignment, tmp_path):
+    cfg = with_train(tiny_params.finetune, epochs=2, max_train_items=8, lr=1e-3)
+    tracker = Tracker()
     metrics = train_finetune(cfg, tiny_params.data, data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt",
-                             diffusion_checkpoint=diffusion_run[0] / "best.pt", out_dir=tmp_path, seed=0)
+                             diffusion_checkpoint=diffusion_run[0] / "best.pt", alignment=alignment,
+                             out_dir=tmp_path, seed=0, tracker=tracker)
     assert metrics["val_loss_after"] <= metrics["val_loss_before"]
+    assert [s for s, _ in tracker.history["val_retrieval_top1"]] == [0, 1, 2]  # epoch 0 = before fine-tuning
+    assert {"train_clip", "train_consistency"} <= set(tracker.history)
     pipe = SpritePipeline.load(tmp_path / "model")
     diff = load_checkpoint(diffusion_run[0] / "best.pt", "diffusion")
     for k, v in diff["unet"].items():  # the U-Net is frozen in stage 3
@@ -94,3 +111,29 @@ def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusio
     assert np.array_equal(a, loaded(prompts, seed=7))
     ddim = pipe(prompts, seed=7, sampler="ddim", guidance_scale=1.0)
     assert ddim.shape == a.shape and not np.array_equal(ddim, a)
+
+
+def test_vae_resume_equals_the_straight_run(processed, tiny_params, tmp_path):
+    """2 epochs straight == 1 epoch + resume + 1 (augmentation, dropout-free VAE, perceptual loss, KL annealing)."""
+    cfg = with_train(tiny_params.vae, epochs=2, max_train_items=8, sample_every=0, checkpoint_every=1)
+    train_vae(cfg, tiny_params.data, data_dir=processed, out_dir=tmp_path / "a", seed=0)
+    train_vae(cfg, tiny_params.data, data_dir=processed, out_dir=tmp_path / "b", seed=5,
+              resume=tmp_path / "a" / "epoch_0001.pt")
+    a, b = (load_checkpoint(tmp_path / d / "last.pt", "vae") for d in "ab")
+    assert a["history"] == b["history"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_diffusion_resume_equals_the_straight_run(processed, tiny_params, vae_run, tmp_path):
+    """The same for stage 2, whose state also holds the EMA and the noise generator."""
+    cfg = with_train(tiny_params.diffusion, epochs=2, max_train_items=8, sample_every=0, checkpoint_every=1)
+    kw = dict(data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt")
+    train_diffusion(cfg, tiny_params.data, tiny_params.text, out_dir=tmp_path / "a", seed=0, **kw)
+    train_diffusion(cfg, tiny_params.data, tiny_params.text, out_dir=tmp_path / "b", seed=5,
+                    resume=tmp_path / "a" / "epoch_0001.pt", **kw)
+    a, b = (load_checkpoint(tmp_path / d / "last.pt", "diffusion") for d in "ab")
+    assert a["history"] == b["history"]
+    for part in ("unet", "text_proj"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), k

@@ -82,9 +82,11 @@ class DDIMSampler(_Sampler):
         return out
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int):
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, clip_x0: float = 3.0):
+    """``clip_x0``: predicted clean latents are clamped to +-clip_x0 (the seed's +-3; 0 = no clamp)."""
+    clip_x0 = clip_x0 if clip_x0 > 0 else float("inf")
     if name == "ddpm":
-        return DDPMSampler(schedule, num_steps)
+        return DDPMSampler(schedule, num_steps, clip_x0=clip_x0)
     if name == "ddim":
-        return DDIMSampler(schedule, num_steps)
+        return DDIMSampler(schedule, num_steps, clip_x0=clip_x0)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

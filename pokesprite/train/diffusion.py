@@ -11,7 +11,6 @@ validated, sampled from and saved.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -28,8 +27,9 @@ from pokesprite.models.unet import UNet
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid
-from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, seed_everything
-from pokesprite.train.ema import EMA
+from pokesprite.losses import noise_loss
+from pokesprite.train.common import load_checkpoint, seed_everything
+from pokesprite.train.loop import Stage, fit
 from pokesprite.train.vae import load_vae
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,13 @@ class LatentCache:
                           drop_last=shuffle and len(ds) > batch_size)
 
 
-def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None) -> torch.Tensor:
-    """Huber (SmoothL1) loss between the true and predicted noise at uniformly sampled timesteps."""
+def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None,
+                   kind: str = "huber") -> torch.Tensor:
+    """Noise-prediction loss (Huber as the seed says, or MSE) at uniformly sampled timesteps."""
     t = schedule.sample_timesteps(len(z0), generator, device=z0.device)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     eps = unet(schedule.add_noise(z0, noise, t), t, context, mask)
-    return F.smooth_l1_loss(eps, noise)
+    return noise_loss(eps, noise, kind)
 
 
 def drop_captions(hidden, mask, empty_hidden, empty_mask, prob: float, generator=None):
@@ -82,22 +83,25 @@ def drop_captions(hidden, mask, empty_hidden, empty_mask, prob: float, generator
     return hidden, mask
 
 
-def sample_latents(mean, logvar, scale: float, generator=None):
+def sample_latents(mean, logvar, scale: float, generator=None, clamp: float = 0.0):
+    """z ~ q(z | x), times the latent scale; clamped to +-``clamp`` (the seed's +-3) when clamp > 0."""
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + torch.exp(0.5 * logvar) * noise) * scale
+    z = (mean + torch.exp(0.5 * logvar) * noise) * scale
+    return z.clamp(-clamp, clamp) if clamp > 0 else z
 
 
 @torch.no_grad()
 def validation_loss(unet, text: TextEncoder, schedule, cache: LatentCache, device, batch_size: int,
-                    seed: int = 1234) -> float:
+                    seed: int = 1234, kind: str = "huber", clamp: float = 0.0) -> float:
     """Denoising loss with fixed noise and timesteps, so that epochs (and runs) are comparable."""
     unet.eval()
     text.eval()
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for mean, logvar, hidden, mask in cache.loader(batch_size, shuffle=False):
-        z0 = sample_latents(mean, logvar, cache.latent_scale, g).to(device)
-        loss = denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g)
+        z0 = sample_latents(mean, logvar, cache.latent_scale, g, clamp).to(device)
+        loss = denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g,
+                              kind=kind)
         total += loss.item() * len(mean)
         n += len(mean)
     return total / n
@@ -121,11 +125,10 @@ def sample_grid(pipeline: SpritePipeline, prompts: list[str], seed: int = 0):
 
 def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: TextConfig, *, data_dir: Path,
                     vae_checkpoint: Path, out_dir: Path, seed: int, device: str | torch.device = "cpu",
-                    tracker: Tracker | None = None) -> dict:
-    """Train the U-Net (and text projection); writes ``best.pt``, ``last.pt`` and ``samples.png``."""
+                    tracker: Tracker | None = None, resume: Path | None = None) -> dict:
+    """Train the U-Net (and text projection); writes ``best.pt``, ``last.pt``, ``epoch_*.pt`` and ``samples.png``."""
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     g = seed_everything(seed)
     vae, latent_scale = load_vae(vae_checkpoint, device)
     vae.requires_grad_(False)
@@ -136,54 +139,47 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     val_set = SpriteDataset(data_dir, "val", data_cfg)
     train_cache = LatentCache(vae, text, train_set, device, latent_scale=latent_scale)
     val_cache = LatentCache(vae, text, val_set, device, latent_scale=latent_scale)
-
     empty_hidden, empty_mask = text.encode_hidden([""], device=device)  # the unconditional "caption"
 
     schedule = NoiseSchedule(cfg.schedule)
     unet = UNet(cfg.unet, context_dim=text_cfg.dim).to(device)
     trained = nn.ModuleDict({"unet": unet, "proj": text.proj})  # what the optimiser and the EMA see
-    params = list(trained.parameters())
-    opt = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
-    ema = EMA(trained, cfg.ema_decay)
     log.info("U-Net: %.2fM parameters, %d train / %d val latents",
              sum(p.numel() for p in unet.parameters()) / 1e6, len(train_cache), len(val_cache))
-    pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale, sample=cfg.sample)
+    pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale, sample=cfg.sample,
+                              latent_clamp=cfg.latent_clamp)
     prompts = val_cache.captions[:GRID_PROMPTS]
+    bs = cfg.train.batch_size
+    drop_last = len(train_cache) > bs
 
-    best, history = math.inf, []
-    for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="diffusion epochs", disable=None):
-        unet.train()
-        text.train()
-        total = 0.0
-        loader = train_cache.loader(cfg.train.batch_size, shuffle=True, generator=g)
-        for mean, logvar, hidden, mask in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None):
-            z0 = sample_latents(mean, logvar, latent_scale, g).to(device)
-            hidden, mask = drop_captions(hidden, mask, empty_hidden, empty_mask, cfg.cond_drop_prob, g)
-            loss = denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            ema.update(trained)
-            total += loss.item()
-        with ema.averaged(trained):  # validation, samples and the saved model use the EMA weights
-            metrics = {"train_loss": total / len(loader),
-                       "val_loss": validation_loss(unet, text, schedule, val_cache, device, cfg.train.batch_size)}
-            if cfg.train.sample_every and epoch % cfg.train.sample_every == 0:
-                tracker.log_image(sample_grid(pipeline, prompts), f"samples/epoch_{epoch:04d}.png")
-        tracker.log_metrics(metrics, step=epoch)
-        history.append({"epoch": epoch, **metrics})
-        log.info("diffusion epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-        state = {"kind": "diffusion", "unet_config": to_dict(cfg.unet), "unet": ema.shadow["unet"].state_dict(),
-                 "text_config": to_dict(text_cfg), "text_proj": ema.shadow["proj"].state_dict(),
-                 "schedule_config": to_dict(cfg.schedule), "sample": to_dict(cfg.sample),
-                 "cond_drop_prob": cfg.cond_drop_prob, "vae_checkpoint": str(vae_checkpoint), "epoch": epoch,
-                 "history": history}
-        if metrics["val_loss"] < best:
-            best = metrics["val_loss"]
-            atomic_save(state, out_dir / "best.pt")
-        atomic_save({**state, "raw": trained.state_dict(), "optimizer": opt.state_dict(),
-                     "ema_updates": ema.num_updates}, out_dir / "last.pt")
+    def loss(batch, epoch):
+        mean, logvar, hidden, mask = batch
+        z0 = sample_latents(mean, logvar, latent_scale, g, cfg.latent_clamp).to(device)
+        hidden, mask = drop_captions(hidden, mask, empty_hidden, empty_mask, cfg.cond_drop_prob, g)
+        return denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g,
+                              kind=cfg.loss), {}
+
+    def validate(epoch):  # runs with the EMA weights
+        text.eval()
+        return {"val_loss": validation_loss(unet, text, schedule, val_cache, device, bs, kind=cfg.loss,
+                                            clamp=cfg.latent_clamp)}
+
+    def on_epoch_end(epoch, metrics):
+        if cfg.train.sample_every and epoch % cfg.train.sample_every == 0:
+            tracker.log_image(sample_grid(pipeline, prompts), f"samples/epoch_{epoch:04d}.png")
+
+    def export():  # the inference weights; inside fit's EMA context these are the averaged ones
+        return {"unet_config": to_dict(cfg.unet), "unet": unet.state_dict(), "text_config": to_dict(text_cfg),
+                "text_proj": text.proj.state_dict(), "schedule_config": to_dict(cfg.schedule),
+                "sample": to_dict(cfg.sample), "cond_drop_prob": cfg.cond_drop_prob, "loss": cfg.loss,
+                "latent_clamp": cfg.latent_clamp, "vae_checkpoint": str(vae_checkpoint)}
+
+    stage = Stage(
+        name="diffusion", model=trained, loss=loss, validate=validate, export=export, generator=g,
+        batches=lambda epoch: train_cache.loader(bs, shuffle=True, generator=g),
+        steps_per_epoch=len(train_cache) // bs if drop_last else 1, ema_decay=cfg.ema_decay,
+        on_epoch_end=on_epoch_end, config={**to_dict(cfg), "text": to_dict(text_cfg)})
+    result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
 
     best_ckpt = load_checkpoint(out_dir / "best.pt", "diffusion")
     unet.load_state_dict(best_ckpt["unet"])
@@ -191,4 +187,6 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     grid = sample_grid(pipeline, prompts)
     grid.save(out_dir / "samples.png")
     tracker.log_image(grid, "samples.png")
-    return {**{k: v for k, v in history[-1].items() if k != "epoch"}, "best_val_loss": best}
+    last = {k: v for k, v in result.history[-1].items() if k != "epoch"}
+    return {**last, "best_val_loss": result.best, "best_epoch": result.best_epoch,
+            "skipped_batches": result.skipped_batches, "grad_explosions": result.explosions}

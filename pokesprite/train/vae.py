@@ -1,4 +1,10 @@
-"""Stage 1: train the VAE (images only; the text encoder plays no part yet)."""
+"""Stage 1: train the VAE.
+
+Loss = l1_weight * L1 + perceptual_weight * VGG feature distance + kl_weight(epoch) * KL with free
+bits, where the KL weight rises linearly from 0 over ``kl_anneal_epochs`` (the seed's annealing
+against posterior collapse). With ``vae.model.text_conditioning`` the decoder also attends to the
+caption's frozen transformer features, computed once before training.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,14 +14,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from pokesprite.config import DataConfig, VAEConfig, VAEStageConfig, from_dict, to_dict
+from pokesprite.config import DataConfig, TextConfig, VAEConfig, VAEStageConfig, from_dict, to_dict
 from pokesprite.data.dataset import SpriteDataset, to_uint8
+from pokesprite.images import image_grid
+from pokesprite.losses import PerceptualLoss, kl_free_bits, kl_weight_at
 from pokesprite.models.vae import VAE, kl_divergence
 from pokesprite.tracking import Tracker
-from pokesprite.images import image_grid
-from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, seed_everything
+from pokesprite.train.common import atomic_save, load_checkpoint, seed_everything
+from pokesprite.train.loop import Stage, fit
 
 log = logging.getLogger(__name__)
 GRID_IMAGES = 8
@@ -24,9 +31,30 @@ GRID_IMAGES = 8
 def load_vae(path: Path, device="cpu") -> tuple[VAE, float]:
     """Rebuild the VAE from its checkpoint alone; returns (model in eval mode, latent scale)."""
     ckpt = load_checkpoint(path, "vae")
-    vae = VAE(from_dict(VAEConfig, ckpt["config"], "vae.model"))
+    if "latent_scale" not in ckpt:
+        raise ValueError(f"{path}: has no latent scale; use the best.pt that the finished VAE stage writes")
+    vae = VAE(from_dict(VAEConfig, ckpt["config"], "vae.model"), context_dim=ckpt.get("context_dim") or 0)
     vae.load_state_dict(ckpt["state_dict"])
     return vae.to(device).eval(), float(ckpt["latent_scale"])
+
+
+class CaptionFeatures:
+    """Frozen transformer features of a split's captions, looked up by dataset index (text-conditioned VAE)."""
+
+    def __init__(self, text_cfg: TextConfig, captions: list[str], device):
+        from pokesprite.models.text import TextEncoder
+
+        text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
+        self.hidden, self.mask = text.encode_hidden(captions, device=device)
+        self.dim = text.hidden
+        self.device = device
+
+    def __call__(self, index: torch.Tensor):
+        return self.hidden[index].to(self.device), self.mask[index].to(self.device)
+
+
+def no_context(index):
+    return None, None
 
 
 @torch.no_grad()
@@ -37,92 +65,117 @@ def latent_std(vae: VAE, dataset: SpriteDataset, device, batch_size: int) -> flo
 
 
 @torch.no_grad()
-def evaluate(vae: VAE, loader: DataLoader, device) -> dict[str, float]:
+def evaluate(vae: VAE, loader: DataLoader, device, context=no_context, perceptual=None) -> dict[str, float]:
     """Deterministic (posterior-mean) reconstruction error on a held-out split."""
     vae.eval()
-    l1 = mse = kl = 0.0
+    l1 = mse = kl = perc = 0.0
     n = 0
-    for x, _ in loader:
+    for x, idx in loader:
         x = x.to(device)
         mean, logvar = vae.encode(x)
-        recon = vae.decode(mean).clamp(-1, 1)
+        recon = vae.decode(mean, *context(idx)).clamp(-1, 1)
         l1 += F.l1_loss(recon, x, reduction="sum").item()
         mse += F.mse_loss(recon, x, reduction="sum").item()
         kl += kl_divergence(mean, logvar).item() * len(x)
+        if perceptual is not None:
+            perc += perceptual(recon, x).item() * len(x)
         n += len(x)
     pixels = n * 3 * vae.cfg.image_size ** 2
     mse /= pixels
     psnr = 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")  # signal range [-1, 1] has peak 2
-    return {"val_l1": l1 / pixels, "val_psnr": psnr, "val_kl": kl / n}
+    out = {"val_l1": l1 / pixels, "val_psnr": psnr, "val_kl": kl / n}
+    if perceptual is not None:
+        out["val_perceptual"] = perc / n
+    return out
 
 
 @torch.no_grad()
-def reconstruction_grid(vae: VAE, dataset: SpriteDataset, device):
+def reconstruction_grid(vae: VAE, dataset: SpriteDataset, device, context=no_context):
     """Top row: originals; bottom row: reconstructions."""
     vae.eval()
-    x = torch.stack([dataset[i][0] for i in range(min(GRID_IMAGES, len(dataset)))]).to(device)
-    recon = vae.decode(vae.encode(x)[0])
+    idx = torch.arange(min(GRID_IMAGES, len(dataset)))
+    x = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
+    recon = vae.decode(vae.encode(x)[0], *context(idx))
     images = to_uint8(torch.cat([x, recon])).permute(0, 2, 3, 1).cpu().numpy()
     return image_grid(images, cols=len(x))
 
 
 def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_dir: Path, seed: int,
-              device: str | torch.device = "cpu", tracker: Tracker | None = None) -> dict:
-    """Train the VAE; writes ``best.pt``, ``last.pt`` and ``reconstructions.png`` to ``out_dir``."""
+              device: str | torch.device = "cpu", tracker: Tracker | None = None,
+              text_cfg: TextConfig | None = None, resume: Path | None = None) -> dict:
+    """Train the VAE; writes ``best.pt`` (+ latent scale), ``last.pt``, ``epoch_*.pt`` and ``reconstructions.png``."""
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     g = seed_everything(seed)
     train_set = SpriteDataset(data_dir, "train", data_cfg, augment=True, limit=cfg.train.max_train_items)
     val_set = SpriteDataset(data_dir, "val", data_cfg)
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=g,
-                              drop_last=len(train_set) > cfg.train.batch_size)
-    val_loader = DataLoader(val_set, batch_size=cfg.train.batch_size)
+    bs = cfg.train.batch_size
+    drop_last = len(train_set) > bs
+    val_loader = DataLoader(val_set, batch_size=bs)
 
-    vae = VAE(cfg.model).to(device)
-    opt = make_optimizer(vae.parameters(), cfg.train.lr, cfg.train.weight_decay)
-    log.info("VAE: %.2fM parameters, %d train / %d val images", sum(p.numel() for p in vae.parameters()) / 1e6,
-             len(train_set), len(val_set))
+    train_ctx = val_ctx = no_context
+    context_dim = 0
+    if cfg.model.text_conditioning:
+        if text_cfg is None:
+            raise ValueError("vae.model.text_conditioning needs the text config (params.text)")
+        train_ctx = CaptionFeatures(text_cfg, train_set.captions, device)
+        val_ctx = CaptionFeatures(text_cfg, val_set.captions, device)
+        context_dim = train_ctx.dim
 
-    best, history = math.inf, []
-    for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="vae epochs", disable=None):
-        vae.train()
-        sums = {"l1": 0.0, "kl": 0.0, "loss": 0.0}
-        for x, _ in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=None):
-            x = x.to(device)
-            recon, mean, logvar = vae(x, generator=None)
-            l1 = F.l1_loss(recon, x)
-            kl = kl_divergence(mean, logvar)
-            loss = l1 + cfg.kl_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.train.grad_clip)
-            opt.step()
-            for k, v in (("l1", l1), ("kl", kl), ("loss", loss)):
-                sums[k] += v.item()
-        metrics = {f"train_{k}": v / len(train_loader) for k, v in sums.items()}
-        metrics.update(evaluate(vae, val_loader, device))
-        tracker.log_metrics(metrics, step=epoch)
-        history.append({"epoch": epoch, **metrics})
-        log.info("vae epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+    vae = VAE(cfg.model, context_dim=context_dim).to(device)
+    w = cfg.loss
+    perceptual = PerceptualLoss(w.perceptual_net, size=w.perceptual_size).to(device) \
+        if w.perceptual_weight > 0 else None
+    log.info("VAE: %.2fM parameters, %d train / %d val images, perceptual net %s",
+             sum(p.numel() for p in vae.parameters()) / 1e6, len(train_set), len(val_set),
+             perceptual.vgg.name if perceptual is not None else "off")
+
+    def loss(batch, epoch):
+        x, idx = batch
+        x = x.to(device)
+        recon, mean, logvar = vae(x, None, *train_ctx(idx))
+        l1 = F.l1_loss(recon, x)
+        kl = kl_free_bits(mean, logvar, w.free_bits)
+        kl_weight = kl_weight_at(epoch - 1, w.kl_weight, w.kl_anneal_epochs)
+        total = w.l1_weight * l1 + kl_weight * kl
+        extra = {"l1": l1.item(), "kl": kl.item(), "kl_weight": kl_weight}
+        if perceptual is not None:
+            p = perceptual(recon, x)
+            total = total + w.perceptual_weight * p
+            extra["perceptual"] = p.item()
+        return total, extra
+
+    def validate(epoch):
+        m = evaluate(vae, val_loader, device, val_ctx, perceptual)
+        # Reconstruction objective only: the KL weight changes with the epoch, so it would not compare.
+        m["val_loss"] = w.l1_weight * m["val_l1"] + w.perceptual_weight * m.get("val_perceptual", 0.0)
+        return m
+
+    def on_epoch_end(epoch, metrics):
         if cfg.train.sample_every and epoch % cfg.train.sample_every == 0:
-            tracker.log_image(reconstruction_grid(vae, val_set, device), f"reconstructions/epoch_{epoch:04d}.png")
+            tracker.log_image(reconstruction_grid(vae, val_set, device, val_ctx),
+                              f"reconstructions/epoch_{epoch:04d}.png")
 
-        if metrics["val_l1"] < best:
-            best = metrics["val_l1"]
-            best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-        atomic_save({"kind": "vae", "config": to_dict(cfg.model), "state_dict": vae.state_dict(),
-                     "optimizer": opt.state_dict(), "epoch": epoch, "history": history}, out_dir / "last.pt")
+    def export():
+        return {"config": to_dict(cfg.model), "context_dim": context_dim, "state_dict": vae.state_dict()}
 
-    # The best weights (by validation L1) become the stage's output, with the latent scale the
+    stage = Stage(
+        name="vae", model=vae, loss=loss, validate=validate, export=export, generator=g,
+        batches=lambda epoch: DataLoader(train_set, batch_size=bs, shuffle=True, generator=g, drop_last=drop_last),
+        steps_per_epoch=len(train_set) // bs if drop_last else 1, on_epoch_end=on_epoch_end,
+        config={**to_dict(cfg), "text": to_dict(text_cfg) if text_cfg else None})
+    result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
+
+    # The best weights (by validation loss) become the stage's output, with the latent scale the
     # diffusion stage multiplies latents by so that they have roughly unit variance.
-    vae.load_state_dict(best_state)
-    scale = 1.0 / latent_std(vae, train_set, device, cfg.train.batch_size)
-    atomic_save({"kind": "vae", "config": to_dict(cfg.model), "state_dict": best_state, "history": history,
-                 "latent_scale": scale}, out_dir / "best.pt")
-    grid = reconstruction_grid(vae, val_set, device)
+    best = load_checkpoint(out_dir / "best.pt", "vae")
+    vae.load_state_dict(best["state_dict"])
+    scale = 1.0 / latent_std(vae, train_set, device, bs)
+    best["latent_scale"] = scale
+    atomic_save(best, out_dir / "best.pt")
+    grid = reconstruction_grid(vae, val_set, device, val_ctx)
     grid.save(out_dir / "reconstructions.png")
     tracker.log_image(grid, "reconstructions.png")
-    final = {**{k: v for k, v in history[-1].items() if k != "epoch"}, "best_val_l1": best, "latent_scale": scale}
-    return final
-
+    last = {k: v for k, v in result.history[-1].items() if k != "epoch"}
+    return {**last, "best_val_loss": result.best, "best_epoch": result.best_epoch, "latent_scale": scale,
+            "skipped_batches": result.skipped_batches, "grad_explosions": result.explosions}
