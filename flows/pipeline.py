@@ -1,4 +1,4 @@
-"""Prefect flows: one per stage, and ``pipeline`` that runs the four stages as tasks in order.
+"""Prefect flows: one per stage, and ``pipeline`` that runs all stages as tasks in order.
 
 Each task is one line around a ``pokesprite.stages`` function; retries come from params.yaml
 (section ``prefect``). Without ``PREFECT_API_URL`` Prefect runs an embedded API (flow runs are kept
@@ -28,6 +28,11 @@ def preprocess_task(params: Params, root: str = ".") -> dict:
     return stages.run_preprocess(params, root=root, tags=lineage())
 
 
+@task(name="alignment", cache_policy=NO_CACHE)
+def alignment_task(params: Params, root: str = ".") -> dict:
+    return stages.run_alignment(params, root=root, tags=lineage())
+
+
 @task(name="vae", cache_policy=NO_CACHE)
 def vae_task(params: Params, root: str = ".") -> dict:
     return stages.run_vae(params, root=root, tags=lineage())
@@ -43,7 +48,7 @@ def finetune_task(params: Params, root: str = ".") -> dict:
     return stages.run_finetune(params, root=root, tags=lineage())
 
 
-TASKS = {"preprocess": preprocess_task, "vae": vae_task, "diffusion": diffusion_task, "finetune": finetune_task}
+TASKS = {"preprocess": preprocess_task, "alignment": alignment_task, "vae": vae_task, "diffusion": diffusion_task, "finetune": finetune_task}
 
 
 def run_task(name: str, params_file: str, root: str) -> dict:
@@ -56,6 +61,11 @@ def run_task(name: str, params_file: str, root: str) -> dict:
 @flow(name="pokesprite-preprocess")
 def preprocess_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
     return run_task("preprocess", params_file, root)
+
+
+@flow(name="pokesprite-alignment")
+def alignment_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("alignment", params_file, root)
 
 
 @flow(name="pokesprite-vae")
@@ -75,9 +85,9 @@ def finetune_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
 
 @flow(name="pokesprite-pipeline")
 def pipeline_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    """preprocess -> vae -> diffusion -> finetune in one flow run, each stage a task with retries."""
+    """preprocess -> alignment -> vae -> diffusion -> finetune in one flow run, each stage a task with retries."""
     return {name: run_task(name, params_file, root) for name in stages.STAGES}
 
 
-FLOWS = {"preprocess": preprocess_flow, "vae": vae_flow, "diffusion": diffusion_flow, "finetune": finetune_flow,
+FLOWS = {"preprocess": preprocess_flow, "alignment": alignment_flow, "vae": vae_flow, "diffusion": diffusion_flow, "finetune": finetune_flow,
          "pipeline": pipeline_flow}

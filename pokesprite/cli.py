@@ -2,6 +2,7 @@
 
     pokesprite data import [SOURCE]     validate and copy the raw dataset into data/
     pokesprite data stats               counts, image sizes, caption lengths, split sizes
+    pokesprite train [--stage all|1|2|3] ...   run training stages (as `dvc repro` does, without DVC)
     pokesprite generate PROMPT ...      draw sprites with a registered model
 """
 from __future__ import annotations
@@ -48,6 +49,66 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+STAGE_NUMBERS = {"1": "vae", "2": "diffusion", "3": "finetune"}
+
+
+def stages_to_run(stage: str, resume_kind: str | None) -> list[str]:
+    """``all`` = every stage of the pipeline; 1/2/3 = vae/diffusion/finetune (3 trains the scorer if it is missing)."""
+    from pokesprite.stages import STAGES
+
+    if stage == "all":
+        names = list(STAGES)
+        if resume_kind is not None:  # continue the interrupted stage, then the ones after it
+            names = names[names.index(resume_kind):]
+        return names
+    name = STAGE_NUMBERS[stage]
+    if resume_kind is not None and resume_kind != name:
+        raise ValueError(f"--resume holds a {resume_kind} checkpoint but --stage {stage} is {name}")
+    return ["alignment", name] if name == "finetune" else [name]
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from pokesprite import stages
+    from pokesprite.config import load_params
+    from pokesprite.train.common import load_checkpoint
+
+    params = load_params(args.config)
+    if args.experiment_name:
+        params = dataclasses.replace(params, mlflow=dataclasses.replace(params.mlflow,
+                                                                        experiment=args.experiment_name))
+    if args.data_stats:
+        return cmd_data_stats(argparse.Namespace(params=args.config, data=str(Path(args.root) / "data"),
+                                                 json=False))
+    resume_kind = None
+    if args.resume:
+        import torch
+
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        resume_kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+        if resume_kind not in ("vae", "diffusion", "finetune"):
+            raise ValueError(f"{args.resume}: not a vae, diffusion or finetune checkpoint (kind {resume_kind!r})")
+        load_checkpoint(args.resume, resume_kind)
+    names = stages_to_run(args.stage, resume_kind)
+    layout = stages.Layout(args.root)
+    if names[0] == "alignment" and args.stage == "3" and layout.alignment_model.is_file():
+        names = names[1:]  # the scorer is trained already
+    results = {}
+    for name in names:
+        kw = {"root": args.root, "device": args.device, "tags": {"entry_point": "pokesprite train"}}
+        if name == resume_kind:
+            kw["resume"] = Path(args.resume)
+        if name in ("diffusion", "finetune") and args.vae_checkpoint:
+            kw["vae_checkpoint"] = Path(args.vae_checkpoint)
+        if name == "finetune" and args.diffusion_checkpoint:
+            kw["diffusion_checkpoint"] = Path(args.diffusion_checkpoint)
+        print(f"== {name} ==", flush=True)
+        results[name] = getattr(stages, f"run_{name}")(params, **kw)
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
 def cmd_generate(args) -> int:
     import mlflow
 
@@ -90,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     st.set_defaults(func=cmd_data_stats)
 
+    tr = sub.add_parser(
+        "train", help="train stages directly (the library functions `dvc repro` runs), e.g. on a GPU machine",
+        description="Run the training stages in order: all = preprocess, alignment, vae (1), diffusion (2), "
+                    "finetune (3). Each stage finds the previous stage's best checkpoint under outputs/; "
+                    "explicit paths override. Runs are logged to MLflow and TensorBoard like `dvc repro`.")
+    tr.add_argument("--config", default="params.yaml", help="params file (default: params.yaml; "
+                                                             "profiles/gpu.yaml is the full GPU schedule)")
+    tr.add_argument("--stage", choices=("all", "1", "2", "3"), default="all",
+                    help="all, or 1 = VAE, 2 = diffusion, 3 = text-encoder fine-tuning (default: all)")
+    tr.add_argument("--experiment-name", help="MLflow experiment to log to (default: mlflow.experiment of the config)")
+    tr.add_argument("--vae-checkpoint", help="VAE checkpoint for stages 2 and 3 (default: outputs/vae/best.pt)")
+    tr.add_argument("--diffusion-checkpoint",
+                    help="diffusion checkpoint for stage 3 (default: outputs/diffusion/best.pt)")
+    tr.add_argument("--resume", help="continue a stage from its last.pt or epoch_NNNN.pt (with --stage all, "
+                                     "the later stages follow)")
+    tr.add_argument("--data-stats", action="store_true", help="print the dataset statistics and exit")
+    tr.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
+    tr.add_argument("--root", default=".", help="project folder holding data/ and outputs/ (default: .)")
+    tr.set_defaults(func=cmd_train)
+
     gen = sub.add_parser("generate", help="draw sprites from a text prompt with a registered model")
     gen.add_argument("prompt", help='what to draw, e.g. "a small green creature with a bulb on its back"')
     gen.add_argument("-n", type=int, default=4, help="number of sprites (default: 4)")
@@ -112,12 +193,16 @@ def main(argv=None) -> int:
         return 2
     from pokesprite.config import ConfigError
     from pokesprite.data.raw import DatasetError
+    from pokesprite.train.stability import TrainingDiverged
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

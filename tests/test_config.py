@@ -74,3 +74,12 @@ def test_configs_are_frozen():
     p = load_params(ROOT / "params.yaml")
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.vae.train.epochs = 3
+
+
+def test_gpu_profile_is_valid_and_runs_the_seeds_schedule():
+    from pathlib import Path
+
+    p = load_params(Path(__file__).parents[1] / "profiles" / "gpu.yaml")
+    assert (p.vae.train.epochs, p.diffusion.train.epochs, p.finetune.train.epochs) == (80, 500, 80)
+    assert (p.vae.train.warmup_frac, p.diffusion.train.grad_clip, p.finetune.train.lr) == (0.1, 0.7, 5e-5)
+    assert p.vae.loss.kl_weight == 0.1 and p.vae.loss.kl_anneal_epochs == 20 and p.vae.loss.free_bits == 0.5

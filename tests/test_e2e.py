@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import ROOT, TESTS
 
 pytestmark = pytest.mark.slow
-STAGES = ("preprocess", "vae", "diffusion", "finetune")
+STAGES = ("preprocess", "vae", "diffusion", "alignment", "finetune")
 
 
 def run(cmd, cwd, env, check=True):
@@ -87,7 +87,7 @@ def test_mlflow_has_one_run_per_stage_and_a_champion(project):
     assert exp.artifact_location.startswith((root / "mlruns").resolve().as_uri())
     runs = client.search_runs([exp.experiment_id])
     by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert set(by_stage) == set(STAGES) and len(runs) == 4
+    assert set(by_stage) == set(STAGES) and len(runs) == len(STAGES)
     for stage, r in by_stage.items():
         assert r.info.status == "FINISHED"
         assert r.data.tags["prefect_flow_run_id"]  # each stage ran as a Prefect flow run
