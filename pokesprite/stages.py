@@ -155,8 +155,9 @@ def run_alignment(params: Params, *, root: str | Path = ".", tags: dict | None =
         tracker.log_artifact(layout.alignment_model, "checkpoint")
         tracker.log_image(similarity_image(model, images(val), val.captions), "val_similarity.png")
         best = min(history, key=lambda h: h.get("val_loss", float("inf")))
-        return _finish("alignment", {k: v for k, v in best.items() if isinstance(v, (int, float))}, layout,
-                       started)
+        keep = ("epoch", "train_loss", "val_loss", "val_top1", "val_r_precision", "val_matched_cosine")
+        return _finish("alignment", {("best_epoch" if k == "epoch" else k): best[k] for k in keep if k in best},
+                       layout, started)
 
 
 def similarity_image(model, images, captions, cell: int = 4):

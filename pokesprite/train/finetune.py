@@ -106,7 +106,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     for m in (vae, unet):
         m.requires_grad_(False).eval()
     pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale,
-                              sample=from_dict(SampleConfig, diff["sample"], "diffusion.sample"),
+                              sample=from_dict(SampleConfig, diff.get("sample", {}), "diffusion.sample"),
                               latent_clamp=diff.get("latent_clamp", 3.0))
 
     train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
@@ -117,7 +117,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     train_data = CaptionLatents(*encode_latents(vae, train_set, device))
     val_data = CaptionLatents(*encode_latents(vae, val_set, device))
     kind = diff.get("loss", "huber")
-    drop = diff["cond_drop_prob"]
+    drop = diff.get("cond_drop_prob", 0.0)
     train_obj = OneStepObjective(pipeline, alignment, train_set.captions, train_emb, cfg, loss_kind=kind,
                                  cond_drop_prob=drop, device=device)
     val_obj = OneStepObjective(pipeline, alignment, val_set.captions, val_emb, cfg, loss_kind=kind,
