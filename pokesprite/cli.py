@@ -81,6 +81,10 @@ def cmd_train(args) -> int:
     if args.data_stats:
         return cmd_data_stats(argparse.Namespace(params=args.config, data=str(Path(args.root) / "data"),
                                                  json=False))
+    for flag, path in (("--vae-checkpoint", args.vae_checkpoint), ("--diffusion-checkpoint", args.diffusion_checkpoint),
+                       ("--resume", args.resume)):
+        if path and not Path(path).is_file():  # before any long work
+            raise FileNotFoundError(f"{path}: no such checkpoint ({flag})")
     resume_kind = None
     if args.resume:
         import torch

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, TESTS
@@ -145,3 +146,28 @@ def test_dvc_exp_run_with_a_changed_param(project):
     client = mlflow_client(root)
     assert int(client.get_model_version_by_alias("pokesprite", "champion").version) == 1  # kept
     assert len(client.search_model_versions("name='pokesprite'")) == 2
+
+
+def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp_path):
+    """`pokesprite train --stage 2` finds the VAE's best.pt itself, logs to the named experiment, and
+    refuses a missing checkpoint or a mismatched --resume with an error that names them."""
+    root, env, _ = project
+    other = tmp_path / "other"  # a separate project folder, so the DVC-tracked outputs stay untouched
+    for part in ("preprocess", "vae"):
+        shutil.copytree(root / "outputs" / part, other / "outputs" / part)
+    cli = [sys.executable, "-m", "pokesprite.cli", "train", "--config", str(root / "params.yaml"), "--root", str(other)]
+    stats = run([*cli[:-1], str(root), "--data-stats"], root, env)
+    assert "sprites: 16" in stats.stdout
+    run(cli + ["--stage", "2", "--experiment-name", "cli-experiment"], root, env)
+    ckpt = torch.load(other / "outputs/diffusion/last.pt", weights_only=False)
+    assert ckpt["kind"] == "diffusion" and ckpt["epoch"] == 2 and ckpt["vae_checkpoint"].endswith("vae/best.pt")
+    assert (other / "outputs/diffusion/best.pt").is_file() and any((other / "outputs/diffusion/tensorboard").iterdir())
+    client = mlflow_client(other)
+    exp = client.get_experiment_by_name("cli-experiment")
+    assert [r.data.tags["stage"] for r in client.search_runs([exp.experiment_id])] == ["diffusion"]
+
+    missing = run(cli + ["--stage", "3", "--diffusion-checkpoint", str(tmp_path / "nope.pt")], root, env, check=False)
+    assert missing.returncode == 2 and "nope.pt: no such checkpoint (--diffusion-checkpoint)" in missing.stderr
+    mismatch = run(cli + ["--stage", "1", "--resume", str(other / "outputs/diffusion/last.pt")], root, env,
+                   check=False)
+    assert mismatch.returncode == 2 and "holds a diffusion checkpoint but --stage 1 is vae" in mismatch.stderr
