@@ -125,8 +125,14 @@ class TrainConfig:
     max_train_items: int = 0  # 0 = the whole training split; >0 caps it (quick experiments)
     sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
     checkpoint_every: int = 10  # also keep epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)
+    save_every: int = 1  # write last.pt (and a pending best.pt) every N epochs and after the last
+    # > 0: a wall-clock budget for the stage. After the first epoch the run measures its epoch time
+    # and, if ``epochs`` would not fit, trains fewer epochs with the one-cycle schedule re-fitted to them.
+    max_minutes: float = 0.0
 
     def __post_init__(self):
+        if self.max_minutes < 0:
+            raise ConfigError(f"max_minutes must be >= 0, got {self.max_minutes}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}")
         if not 0 <= self.warmup_frac < 1:
@@ -202,6 +208,43 @@ class FinetuneStageConfig:
     t_max: int = 800
 
 
+DEFAULT_GRID_PROMPTS = (
+    "A small round creature with bright yellow fur, red cheeks and a tail shaped like a lightning bolt. "
+    "primary type is electric.",
+    "A large blue sea serpent with a long body, white belly and fierce red eyes. primary type is water.",
+    "A tiny green plant creature with two leaves on its head and a round smiling face. primary type is grass.",
+    "A fiery orange lizard standing upright with a flame burning at the tip of its tail. primary type is fire.",
+)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluate stage: what is generated and scored, and how a new version is promoted."""
+    seed: int = 0  # sampling seed of the FID/KID set; the grid uses seeds seed .. seed + grid_seeds - 1
+    batch_size: int = 32  # sprites drawn (and scored) at a time
+    candidates: int = 32  # R-precision: the caption among this many (chance = 1 / candidates)
+    kid_subsets: int = 100  # KID: mean and std over this many random subsets ...
+    kid_subset_size: int = 100  # ... of this size (capped at the smaller set)
+    perceptual_size: int = 112  # VGG distance of reconstructions and text sensitivity, at this size
+    grid_prompts: tuple[str, ...] = DEFAULT_GRID_PROMPTS  # fixed prompts of the sample grid (rows) ...
+    grid_test_captions: int = 4  # ... followed by the captions of this many test-split sprites
+    grid_seeds: int = 4  # columns of the sample grid; also the seeds of the text-sensitivity measure
+    scorer_epochs: int = 300  # the independent scorer (Inception x bag of words), full-batch epochs
+    scorer_dim: int = 128
+    # Promotion: a new version becomes champion when its KID is lower than the champion's and its
+    # independent-scorer R-precision is not lower by more than this; otherwise it is the challenger.
+    alignment_tolerance: float = 0.02
+
+    def __post_init__(self):
+        if self.candidates < 2 or self.batch_size < 1 or self.grid_seeds < 2:
+            raise ConfigError("evaluate: candidates and grid_seeds must be >= 2 and batch_size >= 1")
+        if self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ConfigError("evaluate: kid_subsets must be >= 1 and kid_subset_size >= 2")
+        if len(self.grid_prompts) + self.grid_test_captions < 2:
+            raise ConfigError("evaluate: the sample grid needs at least two prompts "
+                              "(grid_prompts + grid_test_captions)")
+
+
 @dataclass(frozen=True)
 class PrefectConfig:
     retries: int = 1
@@ -224,6 +267,7 @@ class Params:
     finetune: FinetuneStageConfig
     prefect: PrefectConfig
     mlflow: MlflowConfig
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def _type_name(tp) -> str:

@@ -138,3 +138,39 @@ def test_bad_train_config_is_refused():
     with pytest.raises(ConfigError, match="warmup_frac"):
         dataclasses.replace(cfg(), warmup_frac=1.5)
     assert math.isclose(cfg().warmup_frac, 0.1)
+
+
+def test_time_budget_trains_fewer_epochs_and_still_anneals(tmp_path, monkeypatch):
+    """max_minutes: the first epoch's time decides how many epochs run; the LR schedule is re-fitted to them."""
+    from pokesprite.train import loop
+
+    clock = {"t": 0.0}
+
+    def fake_clock():  # every call advances 20 s: the first epoch "takes" 20 s, so 3 fit a minute
+        clock["t"] += 20.0
+        return clock["t"]
+
+    monkeypatch.setattr(loop.time, "perf_counter", fake_clock)
+    budget = cfg(epochs=10, max_minutes=1.0)
+    result = fit(toy_stage(), budget, out_dir=tmp_path)
+    assert len(result.history) == 3
+    assert load_checkpoint(tmp_path / "last.pt", "toy")["train"]["epochs"] == len(result.history)
+    assert result.history[-1]["lr"] < 1e-3 * budget.lr  # annealed to ~0 at the shortened end
+    full = fit(toy_stage(), cfg(epochs=10), out_dir=tmp_path / "full")
+    assert len(full.history) == 10  # no budget: every epoch
+
+
+def test_save_every_holds_best_in_memory_and_writes_it_at_the_next_save(tmp_path):
+    def stage():
+        st = toy_stage()
+        scores = {1: 5.0, 2: 4.0, 3: 3.0, 4: 1.0, 5: 2.0}  # the best epoch, 4, is not a save epoch
+        st.validate = lambda epoch: {"val_loss": scores[epoch]}
+        return st
+
+    fit(stage(), cfg(epochs=5, save_every=3, checkpoint_every=0), out_dir=tmp_path / "held")
+    assert not (tmp_path / "held" / "epoch_0004.pt").exists()
+    best = load_checkpoint(tmp_path / "held" / "best.pt", "toy")
+    assert best["epoch"] == 4 and load_checkpoint(tmp_path / "held" / "last.pt", "toy")["epoch"] == 5
+    fit(stage(), cfg(epochs=5, checkpoint_every=1), out_dir=tmp_path / "every")
+    epoch4 = load_checkpoint(tmp_path / "every" / "epoch_0004.pt", "toy")["weights"]
+    assert all(torch.equal(epoch4[k], best["weights"][k]) for k in epoch4)  # the held copy, not later weights

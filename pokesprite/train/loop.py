@@ -8,8 +8,10 @@ does the rest, identically for all three stages:
   warming up, then cosine annealing (the seed's OneCycleLR with 10% warm-up);
 - per batch: skip a non-finite loss, back-propagate, skip a non-finite gradient, clip adaptively
   (``StabilityGuard``), step, update the EMA; log loss, learning rate and gradient norm per step;
-- per epoch: validate, log, write ``last.pt`` (every epoch), ``epoch_NNNN.pt`` (every
-  ``checkpoint_every`` epochs) and ``best.pt`` (when the monitored validation metric improves).
+- per epoch: validate, log, write ``last.pt`` (every ``save_every`` epochs, default every epoch, and
+  after the last), ``epoch_NNNN.pt`` (every ``checkpoint_every`` epochs) and ``best.pt`` (the epoch
+  with the best monitored validation metric; with ``save_every`` > 1 it is held in memory and written
+  at the next save, which keeps sub-second GPU epochs from waiting on the disk).
 
 Every checkpoint holds the model, optimiser, LR-scheduler, EMA and guard state, the epoch, all RNG
 states, the stage's config and the history, so ``fit(..., resume=path)`` continues exactly where that
@@ -22,6 +24,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -80,11 +83,18 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
+def make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None):
     """OneCycleLR: ``warmup_frac`` of the steps from lr/25 up to lr, then cosine down to ~0."""
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=cfg.warmup_frac,
-        anneal_strategy="cos", cycle_momentum=False)
+        opt, max_lr=cfg.lr, total_steps=max(1, (epochs or cfg.epochs) * steps_per_epoch),
+        pct_start=cfg.warmup_frac, anneal_strategy="cos", cycle_momentum=False)
+
+
+def epochs_within_budget(cfg: TrainConfig, epoch_seconds: float, done: int) -> int:
+    """How many epochs fit ``cfg.max_minutes`` at ``epoch_seconds`` each (at least ``done``, at most ``cfg.epochs``)."""
+    if cfg.max_minutes <= 0 or epoch_seconds <= 0:
+        return cfg.epochs
+    return max(done, min(cfg.epochs, int(cfg.max_minutes * 60 // epoch_seconds)))
 
 
 @dataclass
@@ -109,6 +119,7 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
     ema = EMA(stage.model, stage.ema_decay) if stage.ema_decay > 0 else None
     history: list[dict] = []
     best, best_epoch, start = math.inf, 0, 1
+    epochs = cfg.epochs  # may shrink to fit cfg.max_minutes
 
     if resume is not None:
         ckpt = load_checkpoint(resume, stage.name)
@@ -124,19 +135,23 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
         set_rng_state(state["rng"], stage.generator)
         start = state["epoch"] + 1
-        log.info("%s: resuming from %s after epoch %d of %d", stage.name, resume, state["epoch"], cfg.epochs)
+        epochs = state.get("epochs", cfg.epochs)
+        log.info("%s: resuming from %s after epoch %d of %d", stage.name, resume, state["epoch"], epochs)
 
     def checkpoint(epoch: int, exported: dict) -> dict:
         return {"kind": stage.name, **exported, "epoch": epoch, "history": history,
                 "train_config": to_dict(cfg), "stage_config": stage.config,
                 "train": {"model": stage.model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "guard": guard.state_dict(),
-                          "ema": ema.state_dict() if ema else None, "epoch": epoch, "history": history,
-                          "best": best, "best_epoch": best_epoch, "rng": rng_state(stage.generator)}}
+                          "ema": ema.state_dict() if ema else None, "epoch": epoch, "epochs": epochs,
+                          "history": history, "best": best, "best_epoch": best_epoch, "rng": rng_state(stage.generator)}}
 
     step = (start - 1) * stage.steps_per_epoch
-    for epoch in progress(range(start, cfg.epochs + 1), desc=f"{stage.name} epochs", initial=start - 1,
-                          total=cfg.epochs):
+    bar = progress(None, desc=f"{stage.name} epochs", initial=start - 1, total=epochs)
+    epoch, started = start - 1, time.perf_counter()
+    pending_best = None
+    while epoch < epochs:
+        epoch += 1
         stage.model.train()
         sums: dict[str, float] = {}
         norms: list[float] = []
@@ -181,19 +196,44 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
                 best, best_epoch = metrics[stage.monitor], epoch
             history.append({"epoch": epoch, **metrics})
             tracker.log_metrics(metrics, step=epoch)
-            log.info("%s epoch %d/%d: %s", stage.name, epoch, cfg.epochs,
+            log.info("%s epoch %d/%d: %s", stage.name, epoch, epochs,
                      {k: round(v, 4) for k, v in metrics.items()})
             if stage.on_epoch_end is not None:
                 stage.on_epoch_end(epoch, metrics)
             exported = clone_tensors(stage.export())  # copies: the EMA context swaps weights back on exit
+        bar.update(1)
+        if epoch == start and cfg.max_minutes > 0:
+            fitting = epochs_within_budget(cfg, time.perf_counter() - started, epoch)
+            if fitting < epochs:
+                log.warning("%s: %d epochs do not fit max_minutes=%g at %.1f s per epoch; training %d",
+                            stage.name, epochs, cfg.max_minutes, time.perf_counter() - started, fitting)
+                epochs = fitting
+                sched = refit_scheduler(opt, cfg, stage.steps_per_epoch, epochs, step)
+                bar.total = epochs
         ckpt = checkpoint(epoch, exported)
+        flush = cfg.save_every <= 1 or epoch % cfg.save_every == 0 or epoch == epochs
         if improved:
-            atomic_save(ckpt, out_dir / "best.pt")
+            pending_best = ckpt if flush else clone_tensors(ckpt)  # held until the next flush
+        if flush:
+            if pending_best is not None:
+                atomic_save(pending_best, out_dir / "best.pt")
+                pending_best = None
+            atomic_save(ckpt, out_dir / "last.pt")
         if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
             atomic_save(ckpt, out_dir / f"epoch_{epoch:04d}.pt")
-        atomic_save(ckpt, out_dir / "last.pt")
+    bar.close()
 
     return FitResult(history, best, best_epoch, guard.skipped, guard.explosions)
+
+
+def refit_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int, steps_done: int):
+    """A one-cycle schedule over ``epochs`` epochs, advanced past the ``steps_done`` already taken."""
+    for group in opt.param_groups:  # OneCycleLR (re)derives its lr range from these on construction
+        group.pop("initial_lr", None), group.pop("max_lr", None), group.pop("min_lr", None)
+    sched = make_scheduler(opt, cfg, steps_per_epoch, epochs)
+    for _ in range(min(steps_done, sched.total_steps)):
+        sched.step()
+    return sched
 
 
 def clone_tensors(obj):
