@@ -41,6 +41,12 @@ class PerceptualLoss(nn.Module):
         dists = [(a - b).pow(2).sum(dim=1).mean() for a, b in zip(self.features(recon), target_feats)]
         return torch.stack(dists).mean()
 
+    @torch.no_grad()
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-image distances (B,) between two batches in [-1, 1]: the loss above, as a metric."""
+        pairs = zip(self.features(a), self.features(b))
+        return torch.stack([(fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2)) for fa, fb in pairs]).mean(0)
+
 
 def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) with a floor of ``free_bits`` nats per latent channel.

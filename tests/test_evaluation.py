@@ -1,0 +1,186 @@
+"""Evaluation metrics on tiny inputs with known answers, and the promotion rule."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distance
+from pokesprite.evaluation.grid import labelled_grid
+from pokesprite.evaluation.image_metrics import PSNR_CAP, psnr, ssim
+from pokesprite.evaluation.scorer import BagOfWords, IndependentScorer
+from pokesprite.evaluation.sensitivity import text_sensitivity
+from pokesprite.registry import beats
+
+
+def features(n=400, d=16, seed=0):
+    """Correlated Gaussian features of about unit scale (as KID's kernel (x.y/d + 1)^3 expects)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix / math.sqrt(2)
+
+
+# ---------------------------------------------------------------- FID / KID
+
+def test_fid_of_identical_sets_is_zero():
+    a = features()
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_closed_forms_shift_and_scale():
+    a = features()
+    shift = torch.linspace(-1, 1, a.shape[1], dtype=torch.float64)
+    # Same covariance, means apart by `shift`: FID = |shift|^2.
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-6)
+    # b = 2a: C_b = 4 C_a, so Tr(C_a + 4 C_a - 2 * 2 C_a) = Tr(C_a), plus |mu_a|^2.
+    expected = float(a.mean(0).square().sum() + torch.trace(torch.cov(a.T)))
+    assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_and_kid_grow_with_noise():
+    a, b = features(seed=0), features(seed=0)[torch.randperm(400)]  # b: the same distribution
+    g = torch.Generator().manual_seed(2)
+    noisy = [a + s * torch.randn(a.shape, generator=g, dtype=torch.float64) for s in (1.0, 3.0)]
+    fids = [frechet_distance(a, x) for x in noisy]
+    kids = [kernel_inception_distance(a, x, subsets=20, subset_size=100)[0] for x in noisy]
+    assert 0 < fids[0] < fids[1] and 0 < kids[0] < kids[1]
+    assert abs(kernel_inception_distance(a, b, subsets=20, subset_size=100)[0]) < kids[0] / 2
+
+
+def test_kid_of_identical_sets_is_about_zero_with_its_spread():
+    a = features(n=1000)
+    kid, std = kernel_inception_distance(a, a, subsets=50, subset_size=100)
+    assert std > 0 and abs(kid) < std  # zero within its spread (slightly negative: the subsets overlap)
+    noisy = a + torch.randn(a.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert kernel_inception_distance(a, noisy, subsets=50, subset_size=100)[0] > kid + 2 * std
+
+
+def test_fid_rejects_mismatched_features():
+    with pytest.raises(ValueError, match="FID needs"):
+        frechet_distance(features(d=4), features(d=5))
+
+
+# ---------------------------------------------------------------- PSNR / SSIM
+
+def images(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def test_psnr_identical_is_capped_and_offset_has_closed_form():
+    x = images()
+    assert psnr(x, x).tolist() == [PSNR_CAP] * 3
+    flat = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
+    # every pixel off by 10: MSE = 100, PSNR = 10 log10(255^2 / 100) = 28.1308 dB
+    assert psnr(flat, flat + 10).item() == pytest.approx(10 * math.log10(255 ** 2 / 100), abs=1e-9)
+
+
+def test_ssim_is_one_for_identical_images_and_falls_with_noise():
+    x = images()
+    assert torch.allclose(ssim(x, x), torch.ones(3, dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    light = (x.int() + torch.randint(-10, 11, x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    heavy = (x.int() + torch.randint(-80, 81, x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    s_light, s_heavy = ssim(x, light).mean().item(), ssim(x, heavy).mean().item()
+    assert 1 > s_light > s_heavy
+    assert psnr(x, light).mean() > psnr(x, heavy).mean()
+
+
+def test_image_metrics_name_a_wrong_input():
+    with pytest.raises(ValueError, match="uint8"):
+        psnr(images().float(), images().float())
+
+
+# ---------------------------------------------------------------- Inception (the real TF-FID network)
+
+def test_inception_features_of_real_sprites(processed):
+    from pokesprite.data.dataset import SpriteDataset
+    from pokesprite.evaluation.inception import FEATURES, inception_features, load_inception
+    from pokesprite.config import DataConfig
+
+    ds = SpriteDataset(processed, None, DataConfig())
+    model = load_inception()
+    f = inception_features(model, ds.images[:6], batch_size=4)
+    assert f.shape == (6, FEATURES) and f.dtype == torch.float64 and torch.isfinite(f).all()
+    again = inception_features(model, ds.images[:6].permute(0, 2, 3, 1).numpy(), batch_size=6)  # NHWC numpy
+    assert torch.allclose(f, again, atol=1e-4)
+    assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-3)
+    noisy = (ds.images[:6].int() + torch.randint(-60, 61, ds.images[:6].shape)).clamp(0, 255).to(torch.uint8)
+    assert frechet_distance(f, inception_features(model, noisy)) > 1.0
+
+
+# ---------------------------------------------------------------- the independent scorer
+
+def test_bag_of_words_tfidf_known_values():
+    words = BagOfWords.fit(["red fire cat", "blue water cat", "red water"])
+    assert words.vocabulary == ["cat", "red", "water"]  # words seen at least twice
+    v = words(["red cat", "unknown words"])
+    idf = math.log(4 / 3) + 1  # each of the three words is in 2 of 3 captions
+    assert v[0].tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0])
+    assert words.idf.tolist() == pytest.approx([idf] * 3)
+    assert v[1].abs().sum() == 0  # no known word: the zero vector
+
+
+def test_independent_scorer_learns_a_caption_image_link(tmp_path):
+    from pokesprite.models.alignment import r_precision
+
+    colours = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
+    shapes = ["cat", "bird", "fish", "snake", "dog", "frog", "bug", "rock"]
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(16, 64, generator=g)
+
+    def make(n):
+        c = torch.randint(0, 8, (n,), generator=g)
+        s = torch.randint(0, 8, (n,), generator=g)
+        feats = basis[c] + basis[8 + s] + 0.3 * torch.randn(n, 64, generator=g)
+        return feats, [f"a {colours[i]} {shapes[j]}" for i, j in zip(c.tolist(), s.tolist())]
+
+    train_f, train_c = make(400)
+    test_f, test_c = make(64)
+    scorer = IndependentScorer.fit(train_f, train_c, dim=16, epochs=200, lr=1e-2)
+    sim = scorer.similarity(test_f, test_c)
+    assert r_precision(sim, 8, generator=torch.Generator().manual_seed(0)) > 0.5  # chance: 1/8
+    scorer.save(tmp_path / "s.pt")
+    assert torch.allclose(IndependentScorer.load(tmp_path / "s.pt").similarity(test_f, test_c), sim)
+
+
+# ---------------------------------------------------------------- text sensitivity and the grid
+
+def l2(a, b):
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def test_text_sensitivity_known_answers():
+    p, s = 3, 4
+    e = torch.eye(p + s)
+    prompt_part = torch.stack([2.0 * e[i] for i in range(p)])  # |u_p - u_q| = 2 sqrt 2
+    seed_part = torch.stack([0.5 * e[p + j] for j in range(s)])  # |v_s - v_t| = 0.5 sqrt 2
+    both = prompt_part[:, None] + seed_part[None, :]
+    out = text_sensitivity(both, l2)
+    assert out["prompt_change"] == pytest.approx(2 * math.sqrt(2))
+    assert out["seed_change"] == pytest.approx(0.5 * math.sqrt(2))
+    assert out["text_sensitivity"] == pytest.approx(4.0)
+    ignores_text = seed_part[None, :].expand(p, s, -1)
+    assert text_sensitivity(ignores_text, l2)["text_sensitivity"] == 0.0
+
+
+def test_labelled_grid_size():
+    imgs = np.zeros((3, 2, 40, 40, 3), dtype=np.uint8)
+    grid = labelled_grid(imgs, ["a", "b" * 500, "c"], [0, 1], cell=50)
+    assert grid.size[0] == 100 and grid.size[1] > 150
+    with pytest.raises(ValueError, match="grid of 3 x 2"):
+        labelled_grid(imgs, ["a"], [0, 1])
+
+
+# ---------------------------------------------------------------- promotion
+
+def test_promotion_rule():
+    champ = {"kid": 0.05, "independent_r_precision": 0.30}
+    assert beats({"kid": 0.04, "independent_r_precision": 0.30}, champ, alignment_tolerance=0.02)[0]
+    assert beats({"kid": 0.04, "independent_r_precision": 0.29}, champ, alignment_tolerance=0.02)[0]  # within
+    worse_kid, why = beats({"kid": 0.06, "independent_r_precision": 0.9}, champ, alignment_tolerance=0.02)
+    assert not worse_kid and "not below" in why
+    worse_text, why = beats({"kid": 0.01, "independent_r_precision": 0.20}, champ, alignment_tolerance=0.02)
+    assert not worse_text and "text alignment" in why
+    assert beats({"kid": 0.5, "independent_r_precision": 0.0}, None, alignment_tolerance=0.02)[0]
+    assert beats({"kid": 0.5, "independent_r_precision": 0.0}, {}, alignment_tolerance=0.02)[0]  # unevaluated
