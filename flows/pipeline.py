@@ -48,7 +48,18 @@ def finetune_task(params: Params, root: str = ".") -> dict:
     return stages.run_finetune(params, root=root, tags=lineage())
 
 
-TASKS = {"preprocess": preprocess_task, "alignment": alignment_task, "vae": vae_task, "diffusion": diffusion_task, "finetune": finetune_task}
+@task(name="reference", cache_policy=NO_CACHE)
+def reference_task(params: Params, root: str = ".") -> dict:
+    return stages.run_reference(params, root=root, tags=lineage())
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(params: Params, root: str = ".") -> dict:
+    return stages.run_evaluate(params, root=root, tags=lineage())
+
+
+TASKS = {"preprocess": preprocess_task, "reference": reference_task, "alignment": alignment_task, "vae": vae_task,
+         "diffusion": diffusion_task, "finetune": finetune_task, "evaluate": evaluate_task}
 
 
 def run_task(name: str, params_file: str, root: str) -> dict:
@@ -83,11 +94,21 @@ def finetune_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
     return run_task("finetune", params_file, root)
 
 
+@flow(name="pokesprite-reference")
+def reference_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("reference", params_file, root)
+
+
+@flow(name="pokesprite-evaluate")
+def evaluate_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
+    return run_task("evaluate", params_file, root)
+
+
 @flow(name="pokesprite-pipeline")
 def pipeline_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    """preprocess -> alignment -> vae -> diffusion -> finetune in one flow run, each stage a task with retries."""
+    """Every stage (preprocess ... evaluate) in one flow run, each a task with retries."""
     return {name: run_task(name, params_file, root) for name in stages.STAGES}
 
 
-FLOWS = {"preprocess": preprocess_flow, "alignment": alignment_flow, "vae": vae_flow, "diffusion": diffusion_flow, "finetune": finetune_flow,
-         "pipeline": pipeline_flow}
+FLOWS = {"preprocess": preprocess_flow, "reference": reference_flow, "alignment": alignment_flow, "vae": vae_flow,
+         "diffusion": diffusion_flow, "finetune": finetune_flow, "evaluate": evaluate_flow, "pipeline": pipeline_flow}

@@ -2,14 +2,16 @@
 
     pokesprite data import [SOURCE]     validate and copy the raw dataset into data/
     pokesprite data stats               counts, image sizes, caption lengths, split sizes
-    pokesprite train [--stage all|1|2|3] ...   run training stages (as `dvc repro` does, without DVC)
+    pokesprite train [--stage all|1|2|3|eval] ...   run the stages (as `dvc repro` does, without DVC)
     pokesprite generate PROMPT ...      draw sprites with a registered model
+    pokesprite models list              registered versions, their aliases and evaluation metrics
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,11 +51,13 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
-STAGE_NUMBERS = {"1": "vae", "2": "diffusion", "3": "finetune"}
+STAGE_NUMBERS = {"1": "vae", "2": "diffusion", "3": "finetune", "eval": "evaluate"}
+PREREQUISITES = {"finetune": "alignment", "evaluate": "reference"}  # run first when their output is missing
 
 
 def stages_to_run(stage: str, resume_kind: str | None) -> list[str]:
-    """``all`` = every stage of the pipeline; 1/2/3 = vae/diffusion/finetune (3 trains the scorer if it is missing)."""
+    """``all`` = every stage of the pipeline; 1/2/3/eval = vae/diffusion/finetune/evaluate, with the
+    scorer (3) or the reference features (eval) first if they are missing."""
     from pokesprite.stages import STAGES
 
     if stage == "all":
@@ -64,7 +68,7 @@ def stages_to_run(stage: str, resume_kind: str | None) -> list[str]:
     name = STAGE_NUMBERS[stage]
     if resume_kind is not None and resume_kind != name:
         raise ValueError(f"--resume holds a {resume_kind} checkpoint but --stage {stage} is {name}")
-    return ["alignment", name] if name == "finetune" else [name]
+    return [PREREQUISITES[name], name] if name in PREREQUISITES else [name]
 
 
 def cmd_train(args) -> int:
@@ -75,6 +79,8 @@ def cmd_train(args) -> int:
     from pokesprite.train.common import load_checkpoint
 
     params = load_params(args.config)
+    if args.no_mlflow:
+        os.environ["POKESPRITE_TRACKING"] = "off"
     if args.experiment_name:
         params = dataclasses.replace(params, mlflow=dataclasses.replace(params.mlflow,
                                                                         experiment=args.experiment_name))
@@ -95,12 +101,15 @@ def cmd_train(args) -> int:
             raise ValueError(f"{args.resume}: not a vae, diffusion or finetune checkpoint (kind {resume_kind!r})")
         load_checkpoint(args.resume, resume_kind)
     names = stages_to_run(args.stage, resume_kind)
-    layout = stages.Layout(args.root)
-    if names[0] == "alignment" and args.stage == "3" and layout.alignment_model.is_file():
+    layout = stages.Layout(args.root, args.out)
+    if args.stage == "3" and layout.alignment_model.is_file():
         names = names[1:]  # the scorer is trained already
+    if args.stage == "eval" and (layout.reference_dir / "independent_scorer.pt").is_file():
+        names = names[1:]  # the reference features exist already
     results = {}
     for name in names:
-        kw = {"root": args.root, "device": args.device, "tags": {"entry_point": "pokesprite train"}}
+        kw = {"root": args.root, "out": args.out, "device": args.device,
+              "tags": {"entry_point": "pokesprite train"}}
         if name == resume_kind:
             kw["resume"] = Path(args.resume)
         if name in ("diffusion", "finetune") and args.vae_checkpoint:
@@ -137,6 +146,45 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_models_list(args) -> int:
+    import mlflow
+
+    from pokesprite.registry import list_versions
+    from pokesprite.tracking import configure_mlflow
+
+    configure_mlflow()
+    try:
+        rows = list_versions(args.name)
+    except mlflow.exceptions.MlflowException as e:
+        print(f"error: no registered model {args.name!r} in {mlflow.get_tracking_uri()} ({e.error_code}).\n"
+              "Run the pipeline first (make repro).", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_versions(rows, args.metrics.split(",")))
+    return 0
+
+
+def format_versions(rows: list[dict], metrics: list[str]) -> str:
+    """The registered versions as a plain-text table, newest first."""
+    import datetime as dt
+
+    head = ["version", "aliases", "created", *metrics, "commit"]
+    table = [head]
+    for r in rows:
+        created = dt.datetime.fromtimestamp(r["created"] / 1000).strftime("%Y-%m-%d %H:%M") if r["created"] else ""
+        values = [f"{r['metrics'][m]:.4g}" if m in r["metrics"] else "-" for m in metrics]
+        table.append([str(r["version"]), ",".join(r["aliases"]) or "-", created, *values, r["git_commit"][:8] or "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+DEFAULT_LIST_METRICS = ("fid,kid,kid_std,recon_psnr,recon_ssim,stage3_scorer_r_precision,"
+                        "independent_r_precision,text_sensitivity")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pokesprite", description="Text-to-sprite diffusion: data, training, drawing.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "explicit paths override. Runs are logged to MLflow and TensorBoard like `dvc repro`.")
     tr.add_argument("--config", default="params.yaml", help="params file (default: params.yaml; "
                                                              "profiles/gpu.yaml is the full GPU schedule)")
-    tr.add_argument("--stage", choices=("all", "1", "2", "3"), default="all",
-                    help="all, or 1 = VAE, 2 = diffusion, 3 = text-encoder fine-tuning (default: all)")
+    tr.add_argument("--stage", choices=("all", "1", "2", "3", "eval"), default="all",
+                    help="all, or 1 = VAE, 2 = diffusion, 3 = text-encoder fine-tuning, eval = evaluation "
+                         "(default: all)")
     tr.add_argument("--experiment-name", help="MLflow experiment to log to (default: mlflow.experiment of the config)")
     tr.add_argument("--vae-checkpoint", help="VAE checkpoint for stages 2 and 3 (default: outputs/vae/best.pt)")
     tr.add_argument("--diffusion-checkpoint",
@@ -173,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-stats", action="store_true", help="print the dataset statistics and exit")
     tr.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
     tr.add_argument("--root", default=".", help="project folder holding data/ and outputs/ (default: .)")
+    tr.add_argument("--out", help="write outputs/, metrics/ and plots/ here instead of under --root")
+    tr.add_argument("--no-mlflow", action="store_true",
+                    help="log to TensorBoard and the metrics/plots files only; register nothing "
+                         "(for a machine without the project's MLflow store)")
     tr.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="draw sprites from a text prompt with a registered model")
@@ -186,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="models:/pokesprite@champion",
                      help="MLflow model URI (default: models:/pokesprite@champion)")
     gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="the registered model's versions").add_subparsers(
+        dest="models_command", required=True)
+    ls = models.add_parser("list", help="versions, aliases (champion, challenger) and evaluation metrics",
+                           description="Print every registered version with its aliases, evaluation metrics and "
+                                       "git commit, newest first. The champion is the version users load "
+                                       "(models:/pokesprite@champion).")
+    ls.add_argument("--name", default="pokesprite", help="registered model name (default: pokesprite)")
+    ls.add_argument("--metrics", default=DEFAULT_LIST_METRICS, help="comma-separated metric columns")
+    ls.add_argument("--json", action="store_true", help="print the versions as JSON")
+    ls.set_defaults(func=cmd_models_list)
     return p
 
 

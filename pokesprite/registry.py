@@ -93,11 +93,83 @@ def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, n
     )
 
 
-def set_champion_if_none(name: str, version: str | int) -> bool:
-    """Give ``version`` the alias ``champion`` when the registered model has no champion yet."""
+CHALLENGER = "challenger"
+METRIC_TAG = "metric."  # model-version tags holding the evaluation metrics
+
+
+def beats(candidate: dict, champion: dict | None, *, alignment_tolerance: float) -> tuple[bool, str]:
+    """The promotion rule: does ``candidate`` take the champion alias from ``champion``?
+
+    Yes when there is no champion (or it was never evaluated); otherwise only when the candidate's
+    KID is lower and its independent-scorer R-precision is at most ``alignment_tolerance`` below the
+    champion's. Returns the decision and a sentence saying why.
+    """
+    if not champion or "kid" not in champion:
+        return True, "no evaluated champion yet"
+    kid, champ_kid = float(candidate["kid"]), float(champion["kid"])
+    align = float(candidate["independent_r_precision"])
+    champ_align = float(champion.get("independent_r_precision", float("-inf")))
+    if kid >= champ_kid:
+        return False, f"KID {kid:.4f} is not below the champion's {champ_kid:.4f}"
+    if align < champ_align - alignment_tolerance:
+        return False, (f"KID {kid:.4f} < {champ_kid:.4f}, but text alignment {align:.3f} is more than "
+                       f"{alignment_tolerance} below the champion's {champ_align:.3f}")
+    return True, f"KID {kid:.4f} < {champ_kid:.4f} and text alignment {align:.3f} vs {champ_align:.3f}"
+
+
+def version_metrics(version) -> dict[str, float]:
+    """The evaluation metrics stored as ``metric.*`` tags on a model version."""
+    out = {}
+    for k, v in (version.tags or {}).items():
+        if k.startswith(METRIC_TAG):
+            try:
+                out[k[len(METRIC_TAG):]] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+def current_champion(name: str):
     client = mlflow.MlflowClient()
-    aliases = client.get_registered_model(name).aliases
-    if CHAMPION in aliases:
-        return False
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return True
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: dict, *,
+                       alignment_tolerance: float) -> dict:
+    """Log and register the pipeline in the active run, tag it, and give it ``champion`` or ``challenger``."""
+    client = mlflow.MlflowClient()
+    champion = current_champion(name)  # before this version exists
+    info = log_model(pipeline_dir, registered_model_name=name)
+    version = str(info.registered_model_version)
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", f"{float(v):.6g}")
+    for k, v in lineage.items():
+        client.set_model_version_tag(name, version, k, v)
+    promote, why = beats(metrics, version_metrics(champion) if champion else None,
+                         alignment_tolerance=alignment_tolerance)
+    alias = CHAMPION if promote else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", why)
+    if champion is not None and promote:
+        client.set_model_version_tag(name, champion.version, "replaced_by", version)
+    return {"version": int(version), "alias": alias, "reason": why,
+            "previous_champion": int(champion.version) if champion else None}
+
+
+def list_versions(name: str) -> list[dict]:
+    """Every version of ``name``, newest first: version, aliases, creation time, metrics, commit, promotion."""
+    client = mlflow.MlflowClient()
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in client.search_model_versions(f"name='{name}'"):
+        rows.append({"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                     "created": v.creation_timestamp, "metrics": version_metrics(v),
+                     "git_commit": (v.tags or {}).get("git_commit", ""),
+                     "promotion": (v.tags or {}).get("promotion", ""), "run_id": v.run_id})
+    return sorted(rows, key=lambda r: -r["version"])

@@ -1,7 +1,7 @@
-"""The four pipeline stages as the DVC stages, Prefect tasks and CLI all run them.
+"""The pipeline stages as the DVC stages, Prefect tasks and CLI all run them.
 
 Each ``run_*`` function fixes the project layout (where a stage reads and writes), opens one MLflow
-run, calls the stage's pure trainer and writes the stage's metrics file for DVC:
+run, calls the stage's pure function and writes the stage's metrics (and per-epoch plots) for DVC:
 
     data/                        raw dataset (DVC-tracked by data.dvc)
     outputs/preprocess/          composited sprites, index.csv, stats.json
@@ -9,8 +9,14 @@ run, calls the stage's pure trainer and writes the stage's metrics file for DVC:
     outputs/vae/best.pt          VAE checkpoint (+ latent scale); last.pt, epoch_NNNN.pt to resume
     outputs/diffusion/best.pt    U-Net + text projection checkpoint (EMA weights); last.pt, epoch_NNNN.pt
     outputs/finetune/model/      the combined model (pipeline.pt + text_encoder/)
+    outputs/reference/           Inception features of the real sprites, the independent scorer
+    outputs/evaluate/            the evaluation's sample grid and generated sprites
     outputs/<stage>/tensorboard/ TensorBoard events (`tensorboard --logdir outputs`)
-    metrics/<stage>.json         final metrics of each stage
+    metrics/<stage>.json         final metrics of each stage (`dvc metrics show`)
+    plots/<stage>.csv            per-epoch metrics of each training stage (`dvc plots show`)
+
+``POKESPRITE_TRACKING=off`` (``pokesprite train --no-mlflow``) skips MLflow: metrics, plots and
+TensorBoard are still written, nothing is registered. For machines without the project's store.
 """
 from __future__ import annotations
 
@@ -18,31 +24,36 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from pokesprite.config import Params, flatten, to_dict
-from pokesprite.tracking import MlflowTracker, configure_mlflow, ensure_experiment
+from pokesprite.lineage import git_commit
+from pokesprite.tracking import MlflowTracker, Tracker, configure_mlflow, ensure_experiment, tracking_enabled
 
 log = logging.getLogger(__name__)
-STAGES = ("preprocess", "vae", "diffusion", "alignment", "finetune")
+STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
 
 
 class Layout:
-    """Where each stage reads and writes, relative to the project root."""
+    """Where each stage reads and writes: ``root`` holds data/; ``out`` (default: root) the rest."""
 
-    def __init__(self, root: str | Path = "."):
+    def __init__(self, root: str | Path = ".", out: str | Path | None = None):
         self.root = Path(root)
+        self.out = Path(out) if out is not None else self.root
         self.raw = self.root / "data"
-        self.processed = self.root / "outputs" / "preprocess"
-        self.alignment_dir = self.root / "outputs" / "alignment"
-        self.vae_dir = self.root / "outputs" / "vae"
-        self.diffusion_dir = self.root / "outputs" / "diffusion"
-        self.finetune_dir = self.root / "outputs" / "finetune"
-        self.metrics = self.root / "metrics"
+        outputs = self.out / "outputs"
+        self.processed = outputs / "preprocess"
+        self.reference_dir = outputs / "reference"
+        self.alignment_dir = outputs / "alignment"
+        self.vae_dir = outputs / "vae"
+        self.diffusion_dir = outputs / "diffusion"
+        self.finetune_dir = outputs / "finetune"
+        self.evaluate_dir = outputs / "evaluate"
+        self.metrics = self.out / "metrics"
+        self.plots = self.out / "plots"
 
     @property
     def vae_checkpoint(self) -> Path:
@@ -57,7 +68,7 @@ class Layout:
         return self.alignment_dir / "model.pt"
 
     def tensorboard(self, stage: str) -> Path:
-        return self.root / "outputs" / stage / "tensorboard"
+        return self.out / "outputs" / stage / "tensorboard"
 
     @property
     def model_dir(self) -> Path:
@@ -65,19 +76,15 @@ class Layout:
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """``auto`` (the default, or $POKESPRITE_DEVICE) picks CUDA when present, else the CPU."""
+    """``auto`` (the default, or $POKESPRITE_DEVICE) picks CUDA when present, else the CPU.
+
+    On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``).
+    """
     name = name or os.environ.get("POKESPRITE_DEVICE", "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
@@ -87,9 +94,33 @@ def write_metrics(path: Path, metrics: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_plot(path: Path, history: dict[str, list[tuple[int, float]]]) -> None:
+    """Per-epoch metrics as one CSV row per epoch (``dvc plots show`` draws them)."""
+    epochs = sorted({step for series in history.values() for step, _ in series})
+    if not epochs:
+        return
+    names = sorted(history)
+    table = {name: dict(series) for name, series in history.items()}
+    lines = [",".join(["epoch", *names])]
+    lines += [",".join([str(e), *(f"{table[n][e]:.6g}" if e in table[n] else "" for n in names)]) for e in epochs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, sections: tuple[str, ...], layout: Layout, tags: dict | None):
-    """One MLflow run for one stage: the params of the sections it uses and lineage tags."""
+    """One MLflow run for one stage (the params of the sections it uses, lineage tags); with tracking
+    off, a plain TensorBoard tracker and no run. Per-epoch metrics go to plots/<stage>.csv at the end."""
+    if not tracking_enabled():
+        tracker = Tracker(tensorboard_dir=layout.tensorboard(stage))
+        try:
+            yield tracker, None
+        finally:
+            tracker.close()
+            write_plot(layout.plots / f"{stage}.csv", tracker.history)
+        return
     import mlflow
 
     configure_mlflow(layout.root)
@@ -103,23 +134,28 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...], layout: Lay
             yield tracker, run
         finally:
             tracker.close()
+            write_plot(layout.plots / f"{stage}.csv", tracker.history)
 
 
 def _finish(stage: str, metrics: dict, layout: Layout, started: float) -> dict:
-    import mlflow
-
     metrics = {**metrics, "wall_seconds": round(time.perf_counter() - started, 1)}
-    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    if tracking_enabled():
+        import mlflow
+
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
     write_metrics(layout.metrics / f"{stage}.json", metrics)
     log.info("%s done in %.0f s: %s", stage, metrics["wall_seconds"], metrics)
     return metrics
 
 
-def run_preprocess(params: Params, *, root: str | Path = ".", tags: dict | None = None) -> dict:
+def run_preprocess(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+                   tags: dict | None = None, device=None) -> dict:
+    """Composite, split and index the raw sprites (on the CPU: ``device`` is accepted and unused)."""
     from pokesprite.data.preprocess import preprocess, preview_grid
     from pokesprite.models.text import load_tokenizer
 
-    layout, started = Layout(root), time.perf_counter()
+    layout, started = Layout(root, out), time.perf_counter()
     with stage_run("preprocess", params, ("seed", "data", "text"), layout, tags) as (tracker, _):
         stats = preprocess(params.data, raw_dir=layout.raw, out_dir=layout.processed, seed=params.seed,
                            tokenizer=load_tokenizer(params.text.model))
@@ -132,12 +168,13 @@ def run_preprocess(params: Params, *, root: str | Path = ".", tags: dict | None 
         return _finish("preprocess", metrics, layout, started)
 
 
-def run_alignment(params: Params, *, root: str | Path = ".", tags: dict | None = None, device=None) -> dict:
+def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+                  tags: dict | None = None, device=None) -> dict:
     """Train the CLIP-style scorer of stage 3 on the training split (skipped with a user CLIP checkpoint)."""
     from pokesprite.data.dataset import SpriteDataset
     from pokesprite.models.alignment import train_alignment
 
-    layout, started = Layout(root), time.perf_counter()
+    layout, started = Layout(root, out), time.perf_counter()
     cfg = params.finetune.alignment
     with stage_run("alignment", params, ("seed", "data", "finetune"), layout, tags) as (tracker, _):
         layout.alignment_dir.mkdir(parents=True, exist_ok=True)
@@ -183,11 +220,11 @@ def load_stage_alignment(params: Params, layout: Layout, device):
     return model
 
 
-def run_vae(params: Params, *, root: str | Path = ".", tags: dict | None = None, device=None,
-            resume: Path | None = None) -> dict:
+def run_vae(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+            tags: dict | None = None, device=None, resume: Path | None = None) -> dict:
     from pokesprite.train.vae import train_vae
 
-    layout, started = Layout(root), time.perf_counter()
+    layout, started = Layout(root, out), time.perf_counter()
     with stage_run("vae", params, ("seed", "data", "text", "vae"), layout, tags) as (tracker, _):
         metrics = train_vae(params.vae, params.data, data_dir=layout.processed, out_dir=layout.vae_dir,
                             seed=params.seed, device=resolve_device(device), tracker=tracker,
@@ -196,11 +233,12 @@ def run_vae(params: Params, *, root: str | Path = ".", tags: dict | None = None,
         return _finish("vae", metrics, layout, started)
 
 
-def run_diffusion(params: Params, *, root: str | Path = ".", tags: dict | None = None, device=None,
-                  vae_checkpoint: Path | None = None, resume: Path | None = None) -> dict:
+def run_diffusion(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+                  tags: dict | None = None, device=None, vae_checkpoint: Path | None = None,
+                  resume: Path | None = None) -> dict:
     from pokesprite.train.diffusion import train_diffusion
 
-    layout, started = Layout(root), time.perf_counter()
+    layout, started = Layout(root, out), time.perf_counter()
     with stage_run("diffusion", params, ("seed", "data", "text", "diffusion"), layout, tags) as (tracker, _):
         metrics = train_diffusion(params.diffusion, params.data, params.text, data_dir=layout.processed,
                                   vae_checkpoint=Path(vae_checkpoint or layout.vae_checkpoint),
@@ -210,15 +248,14 @@ def run_diffusion(params: Params, *, root: str | Path = ".", tags: dict | None =
         return _finish("diffusion", metrics, layout, started)
 
 
-def run_finetune(params: Params, *, root: str | Path = ".", tags: dict | None = None, device=None,
-                 vae_checkpoint: Path | None = None, diffusion_checkpoint: Path | None = None,
-                 resume: Path | None = None) -> dict:
-    """Fine-tune the text encoder, log the combined model, register it and name a champion if none."""
-    from pokesprite.registry import log_model, set_champion_if_none
+def run_finetune(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+                 tags: dict | None = None, device=None, vae_checkpoint: Path | None = None,
+                 diffusion_checkpoint: Path | None = None, resume: Path | None = None) -> dict:
+    """Fine-tune the text encoder against the stage-3 scorer; writes the combined model."""
     from pokesprite.train.finetune import train_finetune
 
-    layout, started = Layout(root), time.perf_counter()
-    with stage_run("finetune", params, ("seed", "data", "finetune", "mlflow"), layout, tags) as (tracker, _):
+    layout, started = Layout(root, out), time.perf_counter()
+    with stage_run("finetune", params, ("seed", "data", "finetune"), layout, tags) as (tracker, _):
         dev = resolve_device(device)
         metrics = train_finetune(params.finetune, params.data, data_dir=layout.processed,
                                  vae_checkpoint=Path(vae_checkpoint or layout.vae_checkpoint),
@@ -226,9 +263,52 @@ def run_finetune(params: Params, *, root: str | Path = ".", tags: dict | None = 
                                  alignment=load_stage_alignment(params, layout, dev),
                                  out_dir=layout.finetune_dir, seed=params.seed, device=dev,
                                  tracker=tracker, resume=resume)
-        name = params.mlflow.registered_model
-        info = log_model(layout.model_dir, registered_model_name=name)
-        version = info.registered_model_version
-        promoted = set_champion_if_none(name, version)
-        log.info("registered %s version %s%s", name, version, " as champion" if promoted else "")
-        return _finish("finetune", {**metrics, "registered_version": int(version)}, layout, started)
+        return _finish("finetune", metrics, layout, started)
+
+
+def run_reference(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+                  tags: dict | None = None, device=None) -> dict:
+    """Inception features of every real sprite and the independent scorer (depends on the data only)."""
+    from pokesprite.evaluation.evaluate import build_reference
+
+    layout, started = Layout(root, out), time.perf_counter()
+    with stage_run("reference", params, ("seed", "data", "evaluate"), layout, tags):
+        metrics = build_reference(layout.processed, params.data, params.evaluate, out_dir=layout.reference_dir,
+                                  device=resolve_device(device))
+        return _finish("reference", metrics, layout, started)
+
+
+def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
+                 tags: dict | None = None, device=None) -> dict:
+    """Measure the combined model, log its sample grid, register it and decide champion or challenger."""
+    from pokesprite.evaluation.evaluate import evaluate
+    from pokesprite.images import save_image_atomic
+    from pokesprite.losses import PerceptualLoss
+    from pokesprite.pipeline import SpritePipeline
+    from pokesprite.train.diffusion import load_diffusion
+
+    layout, started = Layout(root, out), time.perf_counter()
+    dev = resolve_device(device)
+    with stage_run("evaluate", params, ("seed", "evaluate", "mlflow"), layout, tags) as (tracker, run):
+        pipeline = SpritePipeline.load(layout.model_dir, device=dev)
+        before_text = load_diffusion(layout.diffusion_checkpoint, dev)[1]
+        metrics, grid = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
+                                 processed_dir=layout.processed, reference_dir=layout.reference_dir,
+                                 data_cfg=params.data, cfg=params.evaluate,
+                                 perceptual=PerceptualLoss(net="auto", size=params.evaluate.perceptual_size).to(dev))
+        layout.evaluate_dir.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(grid, layout.evaluate_dir / "sample_grid.png")
+        save_image_atomic(grid, layout.plots / "sample_grid.png")
+        tracker.log_image(grid, "sample_grid.png")  # the same name in every run: compare runs side by side
+        if run is not None:
+            from pokesprite.lineage import lineage_tags
+            from pokesprite.registry import register_evaluated
+
+            decision = register_evaluated(layout.model_dir, params.mlflow.registered_model, metrics,
+                                          lineage_tags(layout.root, tags),
+                                          alignment_tolerance=params.evaluate.alignment_tolerance)
+            log.info("registered %s version %d as %s: %s", params.mlflow.registered_model, decision["version"],
+                     decision["alias"], decision["reason"])
+            metrics = {**metrics, "registered_version": decision["version"],
+                       "promoted": int(decision["alias"] == "champion")}
+        return _finish("evaluate", metrics, layout, started)

@@ -13,6 +13,14 @@ from pathlib import Path
 STORE_DIR = "mlruns"
 
 
+def tracking_enabled() -> bool:
+    """False when ``$POKESPRITE_TRACKING`` is ``off``: stages then log to TensorBoard and files only."""
+    value = os.environ.get("POKESPRITE_TRACKING", "mlflow").strip().lower()
+    if value not in ("mlflow", "off"):
+        raise ValueError(f"POKESPRITE_TRACKING must be mlflow or off, got {value!r}")
+    return value == "mlflow"
+
+
 def default_tracking_uri(root: Path | None = None) -> str:
     root = Path(root or Path.cwd()).resolve()
     return f"sqlite:///{root / STORE_DIR / 'mlflow.db'}"

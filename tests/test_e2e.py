@@ -1,8 +1,9 @@
 """End to end, as a user runs it: DVC -> Prefect -> MLflow on 16 sprites with the tiny profile.
 
-A throwaway project (git + DVC) is laid out in a temporary folder; ``dvc repro`` runs the four
-stages, a second ``dvc repro`` must do nothing, ``dvc exp run -S`` must work, and the registered
-model is loaded by alias in a fresh Python process and asked to draw.
+A throwaway project (git + DVC) is laid out in a temporary folder; ``dvc repro`` runs every stage
+(training, evaluation, registration), a second ``dvc repro`` must do nothing, ``dvc exp run -S`` must
+work and follow the promotion rule, and the registered model is loaded by alias in a fresh Python
+process and asked to draw.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from PIL import Image
 from conftest import ROOT, TESTS
 
 pytestmark = pytest.mark.slow
-STAGES = ("preprocess", "vae", "diffusion", "alignment", "finetune")
+STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
+TRAINING = ("alignment", "vae", "diffusion", "finetune")  # the stages with per-epoch plots
 
 
 def run(cmd, cwd, env, check=True):
@@ -72,6 +74,28 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     assert json.loads((root / "metrics/preprocess.json").read_text())["sprites"] == 16
     assert (root / "outputs/finetune/model/pipeline.pt").is_file()
     assert (root / "dvc.lock").is_file()
+    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
+    for key in ("fid", "kid", "kid_std", "recon_psnr", "recon_ssim", "recon_vgg_distance", "stage3_scorer_r_precision",
+                "independent_r_precision", "independent_r_precision_before", "text_sensitivity"):
+        assert np.isfinite(evaluation[key]), key
+    assert evaluation["generated_sprites"] == 3 and evaluation["real_sprites"] == 16  # val + test of 16
+    assert 0 <= evaluation["recon_ssim"] <= 1 and evaluation["fid"] > 0
+    assert evaluation["registered_version"] == 1 and evaluation["promoted"] == 1
+    for stage in TRAINING:
+        header = (root / "plots" / f"{stage}.csv").read_text().splitlines()[0].split(",")
+        assert header[0] == "epoch" and "val_loss" in header, (stage, header)
+    assert Image.open(root / "plots/sample_grid.png").size[0] == 2 * 160  # two seeds
+
+
+def test_dvc_metrics_and_plots_show(project):
+    root, env, _ = project
+    shown = run(["dvc", "metrics", "show", "--json"], root, env).stdout
+    metrics = json.loads(shown)
+    flat = json.dumps(metrics)
+    assert "metrics/evaluate.json" in flat and '"kid"' in flat
+    plots = run(["dvc", "plots", "show", "-o", str(root / "dvc_plots")], root, env)
+    html = (root / "dvc_plots" / "index.html").read_text()
+    assert "VAE loss per epoch" in html and "sample_grid.png" in html, plots.stdout
 
 
 def test_second_repro_does_nothing(project):
@@ -94,10 +118,33 @@ def test_mlflow_has_one_run_per_stage_and_a_champion(project):
         assert r.data.tags["prefect_flow_run_id"]  # each stage ran as a Prefect flow run
         assert r.data.params["seed"] == "0"
         images = [a.path for a in client.list_artifacts(r.info.run_id) if a.path.endswith(".png")]
-        assert images, f"{stage} logged no image"
+        assert images or stage == "reference", f"{stage} logged no image"
     vae_history = client.get_metric_history(by_stage["vae"].info.run_id, "val_l1")
     assert [m.step for m in vae_history] == [1, 2]
-    assert int(client.get_model_version_by_alias("pokesprite", "champion").version) == 1
+    assert "sample_grid.png" in [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)]
+    champion = client.get_model_version_by_alias("pokesprite", "champion")
+    assert int(champion.version) == 1 and champion.run_id == by_stage["evaluate"].info.run_id
+    tags = champion.tags
+    lock = __import__("yaml").safe_load((root / "dvc.lock").read_text())["stages"]
+    out_md5 = {stage: {o["path"]: o["md5"] for o in entry["outs"]} for stage, entry in lock.items()}
+    assert tags["dvc_lock.finetune"] == out_md5["finetune"]["outputs/finetune"]
+    assert tags["dvc_lock.vae"] == out_md5["vae"]["outputs/vae"]
+    assert tags["data_dvc_md5"] == __import__("yaml").safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    assert tags["git_commit"] == run(["git", "rev-parse", "HEAD"], root, os.environ).stdout.strip()
+    assert tags["prefect_flow_run_id"] == by_stage["evaluate"].data.tags["prefect_flow_run_id"]
+    assert float(tags["metric.kid"]) == pytest.approx(json.loads((root / "metrics/evaluate.json").read_text())["kid"],
+                                                      rel=1e-5)
+    assert tags["promotion"] == "no evaluated champion yet"
+
+
+def test_models_list_prints_versions_aliases_and_metrics(project):
+    root, env, _ = project
+    out = run([sys.executable, "-m", "pokesprite.cli", "models", "list"], root, env).stdout
+    head, rule, first = out.splitlines()[:3]
+    assert head.split()[:4] == ["version", "aliases", "created", "fid"] and set(rule) <= {"-", " "}
+    assert first.split()[0] in ("1", "2") and "champion" in out
+    missing = run([sys.executable, "-m", "pokesprite.cli", "models", "list", "--name", "nope"], root, env, check=False)
+    assert missing.returncode == 1 and "no registered model 'nope'" in missing.stderr
 
 
 def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
@@ -141,11 +188,42 @@ def test_generate_cli_writes_reproducible_pngs(project):
 
 def test_dvc_exp_run_with_a_changed_param(project):
     root, env, _ = project
+    from pokesprite.registry import beats, version_metrics
+
     exp = run(["dvc", "exp", "run", "-S", "finetune.train.epochs=2"], root, env)
-    assert "Running stage 'finetune'" in exp.stdout and "Running stage 'vae'" not in exp.stdout
+    assert "Running stage 'finetune'" in exp.stdout and "Running stage 'evaluate'" in exp.stdout
+    assert "Running stage 'vae'" not in exp.stdout and "Running stage 'reference'" not in exp.stdout
     client = mlflow_client(root)
-    assert int(client.get_model_version_by_alias("pokesprite", "champion").version) == 1  # kept
     assert len(client.search_model_versions("name='pokesprite'")) == 2
+    v1, v2 = (client.get_model_version("pokesprite", str(v)) for v in (1, 2))
+    promote, why = beats(version_metrics(v2), version_metrics(v1), alignment_tolerance=0.02)
+    aliases = client.get_registered_model("pokesprite").aliases
+    assert int(aliases["champion"]) == (2 if promote else 1) and v2.tags["promotion"] == why
+    if not promote:
+        assert int(aliases["challenger"]) == 2
+
+
+def test_registry_promotes_a_better_version_only(project, tmp_path):
+    """Against the real registry: a worse candidate becomes challenger, a better one takes champion."""
+    import mlflow
+
+    from pokesprite.registry import CHAMPION, current_champion, register_evaluated
+
+    root, _, _ = project
+    client = mlflow_client(root)
+    mlflow.set_registry_uri(mlflow.get_tracking_uri())
+    name = "promotion-test"
+    model_dir = root / "outputs/finetune/model"
+    results = []
+    with mlflow.start_run(run_name="promotion-test"):
+        for kid, align in ((0.10, 0.3), (0.20, 0.9), (0.05, 0.1), (0.05, 0.29)):
+            results.append(register_evaluated(model_dir, name, {"kid": kid, "independent_r_precision": align},
+                                              {"git_commit": "test"}, alignment_tolerance=0.02))
+    assert [r["alias"] for r in results] == ["champion", "challenger", "challenger", "champion"]
+    assert "not below" in results[1]["reason"] and "text alignment" in results[2]["reason"]
+    assert int(current_champion(name).version) == results[3]["version"]
+    assert client.get_model_version(name, str(results[0]["version"])).tags["replaced_by"] == str(results[3]["version"])
+    assert int(client.get_registered_model(name).aliases[CHAMPION]) == results[3]["version"]
 
 
 def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp_path):
