@@ -222,6 +222,9 @@ class EvaluateConfig:
     """The evaluate stage: what is generated and scored, and how a new version is promoted."""
     seed: int = 0  # sampling seed of the FID/KID set; the grid uses seeds seed .. seed + grid_seeds - 1
     batch_size: int = 32  # sprites drawn (and scored) at a time
+    sampler: str = ""  # "" = the model's own (diffusion.sample.sampler); ddpm or ddim to override
+    steps: int = 0  # 0 = the model's own sampling steps
+    max_captions: int = 0  # 0 = one sprite per validation and test caption; > 0 = the first N of them
     candidates: int = 32  # R-precision: the caption among this many (chance = 1 / candidates)
     kid_subsets: int = 100  # KID: mean and std over this many random subsets ...
     kid_subset_size: int = 100  # ... of this size (capped at the smaller set)
@@ -236,6 +239,10 @@ class EvaluateConfig:
     alignment_tolerance: float = 0.02
 
     def __post_init__(self):
+        if self.sampler not in ("", "ddpm", "ddim"):
+            raise ConfigError(f"evaluate.sampler must be empty (the model's own), ddpm or ddim, got {self.sampler!r}")
+        if self.steps < 0 or self.max_captions < 0:
+            raise ConfigError("evaluate.steps and evaluate.max_captions must be >= 0 (0 = default)")
         if self.candidates < 2 or self.batch_size < 1 or self.grid_seeds < 2:
             raise ConfigError("evaluate: candidates and grid_seeds must be >= 2 and batch_size >= 1")
         if self.kid_subsets < 1 or self.kid_subset_size < 2:

@@ -20,6 +20,20 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
+GENERATED = ("dvc.lock", "metrics/", "plots/")  # tracked files that `dvc repro` itself rewrites
+
+
+def git_dirty(root: Path) -> bool | None:
+    """Do tracked files differ from the commit (apart from what DVC writes during the run)?"""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                             capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    changed = [line[3:] for line in out.stdout.splitlines() if line.strip()]
+    return any(not path.startswith(GENERATED) for path in changed)
+
+
 def _out_hashes(entry: dict) -> str:
     """The md5 of a stage's outputs (its model/data folders; the small metrics and plots files left out)."""
     outs = [o for o in entry.get("outs") or [] if not str(o.get("path", "")).startswith(("metrics/", "plots/"))]
@@ -44,7 +58,10 @@ def data_hash(root: Path) -> str | None:
 
 
 def lineage_tags(root: Path, extra: dict | None = None) -> dict[str, str]:
-    """Registry tags: git_commit, data_dvc_md5, dvc_lock.<stage>, plus ``extra`` (e.g. the Prefect flow run)."""
-    tags = {"git_commit": git_commit(root), "data_dvc_md5": data_hash(root),
+    """Registry tags: git_commit, git_dirty, data_dvc_md5, dvc_lock.<stage>, plus ``extra`` (e.g. the
+    Prefect flow run). ``git_dirty`` true means the code differed from ``git_commit``."""
+    dirty = git_dirty(root)
+    tags = {"git_commit": git_commit(root), "git_dirty": None if dirty is None else str(dirty).lower(),
+            "data_dvc_md5": data_hash(root),
             **{f"dvc_lock.{k}": v for k, v in dvc_stage_hashes(root).items()}, **(extra or {})}
     return {k: str(v) for k, v in tags.items() if v is not None}

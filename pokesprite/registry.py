@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 
 import mlflow
@@ -44,6 +46,10 @@ def prompts_from_input(model_input) -> list[str]:
     if not prompts:
         raise ValueError("no prompts given")
     return prompts
+
+
+# MLflow suggests type hints on predict; they would replace the signature's params (see below).
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 
 class SpriteModel(mlflow.pyfunc.PythonModel):

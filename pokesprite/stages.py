@@ -269,7 +269,7 @@ def run_finetune(params: Params, *, root: str | Path = ".", out: str | Path | No
 def run_reference(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
                   tags: dict | None = None, device=None) -> dict:
     """Inception features of every real sprite and the independent scorer (depends on the data only)."""
-    from pokesprite.evaluation.evaluate import build_reference
+    from pokesprite.evaluation.reference import build_reference
 
     layout, started = Layout(root, out), time.perf_counter()
     with stage_run("reference", params, ("seed", "data", "evaluate"), layout, tags):

@@ -131,6 +131,7 @@ def test_mlflow_has_one_run_per_stage_and_a_champion(project):
     assert tags["dvc_lock.vae"] == out_md5["vae"]["outputs/vae"]
     assert tags["data_dvc_md5"] == __import__("yaml").safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
     assert tags["git_commit"] == run(["git", "rev-parse", "HEAD"], root, os.environ).stdout.strip()
+    assert tags["git_dirty"] == "false"  # dvc.lock, metrics/ and plots/ changed, but they are the run's own
     assert tags["prefect_flow_run_id"] == by_stage["evaluate"].data.tags["prefect_flow_run_id"]
     assert float(tags["metric.kid"]) == pytest.approx(json.loads((root / "metrics/evaluate.json").read_text())["kid"],
                                                       rel=1e-5)

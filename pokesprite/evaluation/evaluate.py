@@ -1,14 +1,11 @@
-"""The evaluate stage's two steps, as pure functions of the trained models and the data.
+"""The evaluate stage, as a pure function of one trained pipeline, the scorers and the data.
 
-``build_reference`` (DVC stage ``reference``) depends on the real sprites only, so experiments that
-change training do not redo it: Inception features of every real sprite (the FID/KID reference) and
-the independent scorer trained on the training split.
-
-``evaluate`` (DVC stage ``evaluate``) measures one trained pipeline:
+``evaluate`` measures (with the reference features and scorer of ``reference.py``):
 
 - reconstruction: the VAE's encode (mean) -> decode of the test-split sprites: PSNR, SSIM and the
   VGG (LPIPS-style) distance;
-- FID / KID: one sprite per validation and test caption (seeded) against every real sprite; the
+- FID / KID: one sprite per validation and test caption (seeded; ``max_captions`` takes the first N)
+  against every real sprite; the
   same numbers for the real validation + test sprites against the real training ones are the floor
   that a perfect generator would reach at this N;
 - text alignment: R-precision among ``candidates`` captions with the stage-3 scorer and with the
@@ -30,54 +27,11 @@ from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distanc
 from pokesprite.evaluation.grid import labelled_grid
 from pokesprite.evaluation.image_metrics import psnr, ssim
 from pokesprite.evaluation.inception import inception_features, load_inception
-from pokesprite.evaluation.scorer import IndependentScorer
+from pokesprite.evaluation.reference import EVAL_SPLITS, load_reference, r_precision_at
 from pokesprite.evaluation.sensitivity import text_sensitivity
-from pokesprite.models.alignment import r_precision, similarity_matrix
-from pokesprite.train.common import atomic_save
+from pokesprite.models.alignment import similarity_matrix
 
 log = logging.getLogger(__name__)
-FEATURES_FILE = "inception_features.pt"
-SCORER_FILE = "independent_scorer.pt"
-EVAL_SPLITS = ("val", "test")
-
-
-def _r_precision(sim: torch.Tensor, cfg: EvaluateConfig) -> float:
-    return r_precision(sim, cfg.candidates, generator=torch.Generator().manual_seed(cfg.seed))
-
-
-def build_reference(processed_dir: Path, data_cfg: DataConfig, cfg: EvaluateConfig, *, out_dir: Path,
-                    device: str | torch.device = "cpu") -> dict:
-    """Inception features of all real sprites + the independent scorer; returns their metrics."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ds = SpriteDataset(processed_dir, None, data_cfg)
-    splits = np.array([r["split"] for r in ds.rows])
-    captions = ds.captions
-    log.info("reference: Inception features of %d real sprites", len(ds))
-    feats = inception_features(load_inception(device), ds.images, device=device)
-    train = np.flatnonzero(splits == "train")
-    held = np.flatnonzero(np.isin(splits, EVAL_SPLITS))
-    scorer = IndependentScorer.fit(feats[train], [captions[i] for i in train], dim=cfg.scorer_dim,
-                                   epochs=cfg.scorer_epochs, seed=cfg.seed)
-    atomic_save({"numbers": [r["number"] for r in ds.rows], "splits": splits.tolist(), "features": feats},
-                out_dir / FEATURES_FILE)
-    scorer.save(out_dir / SCORER_FILE)
-    sim = scorer.similarity(feats[held], [captions[i] for i in held])
-    kid, kid_std = kernel_inception_distance(feats[held], feats[train], subsets=cfg.kid_subsets,
-                                             subset_size=cfg.kid_subset_size, seed=cfg.seed)
-    return {"real_sprites": len(ds), "scorer_train_sprites": len(train),
-            "independent_r_precision_real": _r_precision(sim, cfg),
-            "fid_real_floor": frechet_distance(feats[held], feats[train]),
-            "kid_real_floor": kid, "kid_real_floor_std": kid_std}
-
-
-def load_reference(ref_dir: Path) -> tuple[dict, IndependentScorer]:
-    ref_dir = Path(ref_dir)
-    path = ref_dir / FEATURES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run the reference stage first (dvc repro reference)")
-    return torch.load(path, map_location="cpu", weights_only=False), IndependentScorer.load(ref_dir / SCORER_FILE)
-
 
 @torch.no_grad()
 def reconstruct(pipeline, images: torch.Tensor, captions: list[str], batch_size: int) -> torch.Tensor:
@@ -92,6 +46,11 @@ def reconstruct(pipeline, images: torch.Tensor, captions: list[str], batch_size:
     return torch.cat(out)
 
 
+def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig) -> np.ndarray:
+    """The pipeline's sprites with the evaluation's sampler settings (empty / 0 = the model's own)."""
+    return pipeline(prompts, seed=seed, num_steps=cfg.steps or None, sampler=cfg.sampler or None)
+
+
 def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str) -> torch.Tensor:
     """One sprite per prompt, batch b drawn with seed ``cfg.seed + b``: uint8 (N, 3, H, W)."""
     from pokesprite.train.loop import progress
@@ -99,15 +58,15 @@ def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str) -> torch.
     out = []
     starts = range(0, len(prompts), cfg.batch_size)
     for b, i in enumerate(progress(starts, desc=desc, leave=False)):
-        out.append(torch.from_numpy(pipeline(prompts[i:i + cfg.batch_size], seed=cfg.seed + b)))
+        out.append(torch.from_numpy(sample(pipeline, prompts[i:i + cfg.batch_size], cfg.seed + b, cfg)))
     return torch.cat(out).permute(0, 3, 1, 2).contiguous()
 
 
 def _alignment(images: torch.Tensor, feats: torch.Tensor, captions: list[str], alignment, scorer,
                cfg: EvaluateConfig, suffix: str) -> dict:
     sim = similarity_matrix(alignment, to_unit_range(images).to(alignment.device), captions)
-    return {f"stage3_scorer_r_precision{suffix}": _r_precision(sim, cfg),
-            f"independent_r_precision{suffix}": _r_precision(scorer.similarity(feats, captions), cfg)}
+    return {f"stage3_scorer_r_precision{suffix}": r_precision_at(sim, cfg),
+            f"independent_r_precision{suffix}": r_precision_at(scorer.similarity(feats, captions), cfg)}
 
 
 def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference_dir: Path,
@@ -136,6 +95,7 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
 
     # One sprite per validation/test caption; FID/KID against all real sprites.
     held = [r for r in rows if r["split"] in EVAL_SPLITS]
+    held = held[:cfg.max_captions] if cfg.max_captions else held
     captions = [r["caption"] for r in held]
     inception = load_inception(device)
     generated = draw(pipeline, captions, cfg, "evaluate: drawing")
@@ -149,7 +109,8 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     # Text alignment: generated after and before stage 3, and the real sprites as the ceiling.
     metrics.update(_alignment(generated, gen_feats, captions, alignment, scorer, cfg, ""))
     real_images = SpriteDataset(processed_dir, None, data_cfg)
-    real_held = torch.stack([real_images.images[i] for i, r in enumerate(real_images.rows) if r["split"] in EVAL_SPLITS])
+    position = {r["number"]: i for i, r in enumerate(real_images.rows)}
+    real_held = torch.stack([real_images.images[position[r["number"]]] for r in held])
     real_held_feats = real_feats[[by_number[r["number"]] for r in held]]
     metrics.update(_alignment(real_held, real_held_feats, captions, alignment, scorer, cfg, "_real"))
     if before_text is not None:
@@ -165,7 +126,7 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     prompts = list(cfg.grid_prompts) + test.captions[:cfg.grid_test_captions]
     seeds = [cfg.seed + k for k in range(cfg.grid_seeds)]
     # Each sprite is drawn alone, so that one seed gives every prompt the same noise.
-    grid = np.stack([np.concatenate([pipeline([p], seed=s) for s in seeds]) for p in prompts])  # (P, S, H, W, 3)
+    grid = np.stack([np.concatenate([sample(pipeline, [p], s, cfg) for s in seeds]) for p in prompts])  # (P, S, H, W, 3)
     tiles = to_unit_range(torch.from_numpy(grid).permute(0, 1, 4, 2, 3))
 
     def vgg(a, b):
