@@ -49,7 +49,7 @@ def prompts_from_input(model_input) -> list[str]:
 
 
 # MLflow suggests type hints on predict; they would replace the signature's params (see below).
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # text starts with a colour code
 
 
 class SpriteModel(mlflow.pyfunc.PythonModel):

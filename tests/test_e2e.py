@@ -54,8 +54,44 @@ def project(raw_subset, tmp_path_factory):
                 [sys.executable, "-m", "pokesprite.cli", "data", "import", str(raw_subset)],
                 ["dvc", "add", "-q", "data"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         run(cmd, root, env)
-    repro = run(["dvc", "repro"], root, env)
-    return root, env, repro
+    # One Prefect server for the whole module (as `make ui` runs it): each stage reports to it
+    # instead of starting a temporary server of its own, which saves ~10 s per stage.
+    port = free_port()
+    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/health", server)
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        repro = run(["dvc", "repro"], root, env)
+        yield root, env, repro
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"prefect server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"prefect server did not answer {url} within {timeout:.0f} s")
 
 
 def mlflow_client(root):
