@@ -57,11 +57,12 @@ def data_hash(root: Path) -> str | None:
     return _out_hashes(yaml.safe_load(path.read_text()) or {}) or None
 
 
-def lineage_tags(root: Path, extra: dict | None = None) -> dict[str, str]:
+def lineage_tags(root: Path, extra: dict | None = None, *, running: str | None = None) -> dict[str, str]:
     """Registry tags: git_commit, git_dirty, data_dvc_md5, dvc_lock.<stage>, plus ``extra`` (e.g. the
-    Prefect flow run). ``git_dirty`` true means the code differed from ``git_commit``."""
+    Prefect flow run). ``git_dirty`` true means the code differed from ``git_commit``. The ``running``
+    stage is left out: its ``dvc.lock`` entry is still the previous run's."""
     dirty = git_dirty(root)
     tags = {"git_commit": git_commit(root), "git_dirty": None if dirty is None else str(dirty).lower(),
             "data_dvc_md5": data_hash(root),
-            **{f"dvc_lock.{k}": v for k, v in dvc_stage_hashes(root).items()}, **(extra or {})}
+            **{f"dvc_lock.{k}": v for k, v in dvc_stage_hashes(root).items() if k != running}, **(extra or {})}
     return {k: str(v) for k, v in tags.items() if v is not None}

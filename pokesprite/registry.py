@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import warnings
-
 import numpy as np
 
 import mlflow
@@ -46,10 +44,6 @@ def prompts_from_input(model_input) -> list[str]:
     if not prompts:
         raise ValueError("no prompts given")
     return prompts
-
-
-# MLflow suggests type hints on predict; they would replace the signature's params (see below).
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # text starts with a colour code
 
 
 class SpriteModel(mlflow.pyfunc.PythonModel):

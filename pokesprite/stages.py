@@ -305,7 +305,7 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
             from pokesprite.registry import register_evaluated
 
             decision = register_evaluated(layout.model_dir, params.mlflow.registered_model, metrics,
-                                          lineage_tags(layout.root, tags),
+                                          lineage_tags(layout.root, tags, running="evaluate"),
                                           alignment_tolerance=params.evaluate.alignment_tolerance)
             log.info("registered %s version %d as %s: %s", params.mlflow.registered_model, decision["version"],
                      decision["alias"], decision["reason"])

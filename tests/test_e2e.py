@@ -165,6 +165,7 @@ def test_mlflow_has_one_run_per_stage_and_a_champion(project):
     out_md5 = {stage: {o["path"]: o["md5"] for o in entry["outs"]} for stage, entry in lock.items()}
     assert tags["dvc_lock.finetune"] == out_md5["finetune"]["outputs/finetune"]
     assert tags["dvc_lock.vae"] == out_md5["vae"]["outputs/vae"]
+    assert "dvc_lock.evaluate" not in tags  # its own lock entry is written only after it finishes
     assert tags["data_dvc_md5"] == __import__("yaml").safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
     assert tags["git_commit"] == run(["git", "rev-parse", "HEAD"], root, os.environ).stdout.strip()
     assert tags["git_dirty"] == "false"  # dvc.lock, metrics/ and plots/ changed, but they are the run's own
