@@ -68,10 +68,25 @@ def kl_weight_at(epoch: int, final: float, anneal_epochs: int) -> float:
     return final * min(1.0, epoch / anneal_epochs)
 
 
-def noise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """The diffusion noise-prediction loss: "huber" (smooth L1, beta 1) or "mse"."""
+def noise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion prediction loss (of eps or v): "huber" (smooth L1, beta 1) or "mse".
+
+    Without ``weight``: the mean over every element. With ``weight`` (B,): each sample's loss is its
+    mean over the other dims, and the result is mean_b(weight_b * loss_b) - the batch mean of the
+    weighted losses, not divided by the weights' sum, as Min-SNR weighting (Hang et al. 2023) defines it.
+    """
+    if kind not in ("huber", "mse"):
+        raise ValueError(f"unknown noise loss {kind!r}; expected huber or mse")
+    reduction = "mean" if weight is None else "none"
     if kind == "huber":
-        return F.smooth_l1_loss(pred, target, beta=1.0)
-    if kind == "mse":
-        return F.mse_loss(pred, target)
-    raise ValueError(f"unknown noise loss {kind!r}; expected huber or mse")
+        loss = F.smooth_l1_loss(pred, target, beta=1.0, reduction=reduction)
+    else:
+        loss = F.mse_loss(pred, target, reduction=reduction)
+    if weight is None:
+        return loss
+    per_sample = loss.flatten(1).mean(dim=1)  # (B,)
+    if weight.shape != per_sample.shape:
+        raise ValueError(f"noise_loss: weight must have one entry per sample {tuple(per_sample.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    return (weight.to(per_sample.dtype) * per_sample).mean()

@@ -4,7 +4,8 @@ Used by the training stages for sample grids, by the registered MLflow model and
 A saved pipeline is one folder, loadable without the repository or the network:
 
     pipeline.pt      VAE, U-Net and text projection weights, the configs that built them,
-                     the schedule config, the latent scale and the default sampling settings
+                     the schedule config, what the U-Net predicts (eps or v), the latent scale
+                     and the default sampling settings
     text_encoder/    the (fine-tuned) transformer and its tokenizer, in Hugging Face format
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from pokesprite.config import SampleConfig, ScheduleConfig, UNetConfig, VAEConfig, from_dict, to_dict
 from pokesprite.data.dataset import to_uint8
 from pokesprite.diffusion.samplers import make_sampler
-from pokesprite.diffusion.schedule import NoiseSchedule
+from pokesprite.diffusion.schedule import NoiseSchedule, check_prediction
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
@@ -27,25 +28,28 @@ PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
 
 
-def guided_eps(unet, x, t, context, mask, uncond_context, uncond_mask, scale: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps_u + scale * (eps_c - eps_u).
+def guided_output(unet, x, t, context, mask, uncond_context, uncond_mask, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): out_u + scale * (out_c - out_u).
 
-    The conditional and unconditional predictions run as one batch; scale 1 gives eps_c.
+    The conditional and unconditional predictions run as one batch; scale 1 gives out_c. The output may
+    be eps or v: at a fixed x_t, v = (eps - sqrt(1 - ab) x_t) / sqrt(ab) is affine in eps and the two
+    weights (1 - scale, scale) sum to 1, so guiding v is guiding eps.
     """
     n = x.shape[0]
-    eps = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context]),
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context]),
                torch.cat([uncond_mask, mask]))
-    eps_u, eps_c = eps[:n], eps[n:]
-    return eps_u + scale * (eps_c - eps_u)
+    out_u, out_c = out[:n], out[n:]
+    return out_u + scale * (out_c - out_u)
 
 
 class SpritePipeline:
     def __init__(self, vae: VAE, unet: UNet, text: TextEncoder, schedule: NoiseSchedule, *,
-                 latent_scale: float, sample: SampleConfig, latent_clamp: float = 3.0):
+                 latent_scale: float, sample: SampleConfig, latent_clamp: float = 3.0, prediction: str = "eps"):
         self.vae, self.unet, self.text, self.schedule = vae, unet, text, schedule
         self.latent_scale = latent_scale
         self.sample = sample
         self.latent_clamp = latent_clamp  # predicted x0 (scaled latents) clamped to +-this; 0 = off
+        self.prediction = check_prediction(prediction)  # what the U-Net outputs: eps or v
 
     @property
     def device(self) -> torch.device:
@@ -76,16 +80,17 @@ class SpritePipeline:
                 empty = self.text.tokenize([""] * n, device)
                 uncond, uncond_mask = self.text(**empty), empty["attention_mask"]
             steps = self.sample.steps if num_steps is None else int(num_steps)
-            sampler_ = make_sampler(sampler or self.sample.sampler, self.schedule, steps, self.latent_clamp)
+            sampler_ = make_sampler(sampler or self.sample.sampler, self.schedule, steps, self.latent_clamp,
+                                    prediction=self.prediction)
             c, s = self.unet.cfg.latent_channels, self.vae.latent_size
             x = torch.randn((n, c, s, s), generator=g).to(device)
             for i, t in enumerate(sampler_.timesteps):
                 t = t.repeat(n).to(device)
                 if scale == 1.0:
-                    eps = self.unet(x, t, context, mask)
+                    out = self.unet(x, t, context, mask)  # eps or v, as self.prediction says
                 else:
-                    eps = guided_eps(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
-                x = sampler_.step(eps, i, x, generator=g)
+                    out = guided_output(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
+                x = sampler_.step(out, i, x, generator=g)
             images = self.decode(x, tok)
             return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         finally:
@@ -114,6 +119,7 @@ class SpritePipeline:
             "schedule": to_dict(self.schedule.cfg),
             "latent_scale": self.latent_scale,
             "latent_clamp": self.latent_clamp,
+            "prediction": self.prediction,
             "sample": to_dict(self.sample),
         }, directory / PIPELINE_FILE)
         return directory
@@ -137,7 +143,8 @@ class SpritePipeline:
             m.to(device).eval()
         return cls(vae, unet, text, schedule, latent_scale=ckpt["latent_scale"],
                    sample=from_dict(SampleConfig, ckpt["sample"], "sample"),
-                   latent_clamp=ckpt.get("latent_clamp", 3.0))
+                   latent_clamp=ckpt.get("latent_clamp", 3.0),
+                   prediction=ckpt.get("prediction", "eps"))  # pipelines saved before v-prediction: eps
 
     @staticmethod
     def sample_defaults(directory: Path) -> SampleConfig:

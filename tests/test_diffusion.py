@@ -1,11 +1,14 @@
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from pokesprite.config import ScheduleConfig
+from pokesprite.config import ConfigError, DiffusionStageConfig, ScheduleConfig, from_dict
 from pokesprite.diffusion.samplers import DDIMSampler, DDPMSampler, make_sampler
-from pokesprite.diffusion.schedule import NoiseSchedule, cosine_alphas_cumprod
+from pokesprite.diffusion.schedule import NoiseSchedule, cosine_alphas_cumprod, min_snr_weight
+from pokesprite.losses import noise_loss
 
 
 def closed_form(t, T=1000, s=0.008):
@@ -123,3 +126,316 @@ def test_training_latents_are_clamped_and_the_loss_kind_is_used():
     assert mse.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-5)
     a = noise.abs()
     assert huber.item() == pytest.approx(torch.where(a < 1, 0.5 * a ** 2, a - 0.5).mean().item(), rel=1e-5)
+
+
+# --- v-prediction (Salimans & Ho 2022) and Min-SNR-gamma weighting (Hang et al. 2023) ---
+
+
+def oracle_output(sched, x, t, x0, prediction):
+    """The exact eps or v of a noisy x whose clean latent is x0, at steps t (float32, as a model would)."""
+    ab = sched.alphas_cumprod[t].float().view(-1, *([1] * (x.dim() - 1)))
+    eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def test_velocity_and_its_inverse_recover_eps_and_x0_exactly():
+    sched = NoiseSchedule(ScheduleConfig())
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 8, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(5, 8, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 990, 999])
+    xt, v = sched.add_noise(x0, eps, t), sched.velocity(x0, eps, t)
+    ab = closed_form(501)  # index 500 is step 501
+    assert torch.allclose(v[2], math.sqrt(ab) * eps[2] - math.sqrt(1 - ab) * x0[2], atol=1e-9)
+    eps_v, x0_v = sched.eps_and_x0(v, xt, t, "v")
+    assert torch.allclose(eps_v, eps, rtol=0, atol=1e-12) and torch.allclose(x0_v, x0, rtol=0, atol=1e-12)
+    # eps -> (eps, x0) is the old predict_x0; it divides by sqrt(alpha_bar), so it is exact away from t = T
+    eps_e, x0_e = sched.eps_and_x0(eps, xt, t, "eps")
+    assert eps_e is eps and torch.allclose(x0_e[:4], x0[:4], rtol=0, atol=1e-10)
+    assert sched.target(x0, eps, t, "eps") is eps and torch.equal(sched.target(x0, eps, t, "v"), v)
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        sched.eps_and_x0(v, xt, t, "x0")
+
+
+def test_snr_matches_its_closed_form():
+    sched = NoiseSchedule(ScheduleConfig())
+    t = torch.tensor([0, 9, 249, 499, 749, 989])
+    snr = sched.snr(t)
+    assert snr.dtype == torch.float64
+    for i, step in enumerate((t + 1).tolist()):
+        assert snr[i].item() == pytest.approx(closed_form(step) / (1 - closed_form(step)), rel=1e-9)
+
+
+def test_min_snr_weights_by_hand():
+    snr = torch.tensor([0.0, 0.5, 5.0, 20.0, 1000.0], dtype=torch.float64)
+    assert min_snr_weight(snr, 5.0, "eps").tolist() == pytest.approx([1.0, 1.0, 1.0, 0.25, 0.005])
+    assert min_snr_weight(snr, 5.0, "v").tolist() == pytest.approx([0.0, 1 / 3, 5 / 6, 5 / 21, 5 / 1001])
+    sched = NoiseSchedule(ScheduleConfig())
+    t = torch.arange(1000)
+    w, snr = sched.loss_weight(t, "eps", 5.0), sched.snr(t)
+    assert (w[snr <= 5] == 1).all() and (w[snr > 5] < 1).all() and (snr > 5).sum() > 100
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5])
+    assert sched.loss_weight(t, "v", 0.0) is None  # gamma 0: unweighted, today's loss exactly
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):
+        min_snr_weight(snr, 0.0, "eps")
+
+
+@pytest.mark.parametrize("name,steps", [("ddpm", 1000), ("ddpm", 5), ("ddim", 50), ("ddim", 5)])
+def test_sampler_with_a_velocity_oracle_recovers_x0(name, steps):
+    """If the model returns the exact v of a fixed x0, sampling must land on x0."""
+    sched = NoiseSchedule(ScheduleConfig())
+    sampler = make_sampler(name, sched, steps, prediction="v")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 8, 27, 27, generator=g) * 2 - 1
+    x = torch.randn(2, 8, 27, 27, generator=g)
+    # At t = T-1 (alpha_bar ~ 1e-9) v gives x0 exactly; the same output read as eps does not.
+    v = oracle_output(sched, x, sampler.timesteps[0].repeat(2), x0, "v")
+    assert torch.allclose(sampler.predicted_x0(v, 0, x), x0, atol=1e-5)
+    misread = make_sampler(name, sched, steps, prediction="eps").predicted_x0(v, 0, x)
+    assert (misread - x0).abs().mean() > 1
+    for i, t in enumerate(sampler.timesteps):
+        x = sampler.step(oracle_output(sched, x, t.repeat(2), x0, "v"), i, x, generator=g)
+    assert torch.allclose(x, x0, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        make_sampler(name, sched, steps, prediction="x0")
+
+
+def test_noise_loss_weighted_by_hand():
+    pred = torch.tensor([[0.0, 3.0], [1.0, 0.5]])
+    target = torch.zeros(2, 2)
+    w = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    # huber per element 0, 2.5 | 0.5, 0.125 -> per sample 1.25, 0.3125 -> mean(2 * 1.25, 0.5 * 0.3125)
+    assert noise_loss(pred, target, "huber", w).item() == pytest.approx((2.5 + 0.15625) / 2)
+    # mse per element 0, 9 | 1, 0.25 -> per sample 4.5, 0.625
+    assert noise_loss(pred, target, "mse", w).item() == pytest.approx((9.0 + 0.3125) / 2)
+    ones = torch.ones(2)
+    for kind in ("huber", "mse"):
+        assert noise_loss(pred, target, kind, ones).item() == pytest.approx(noise_loss(pred, target, kind).item())
+    with pytest.raises(ValueError, match="one entry per sample"):
+        noise_loss(pred, target, "mse", torch.ones(3))
+
+
+def test_denoising_loss_targets_v_with_min_snr_weights():
+    """A zero model: the loss is the weighted mean square of v, drawn in the documented order (t, then noise)."""
+    from pokesprite.train.diffusion import denoising_loss
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, context, mask):
+            return torch.zeros_like(x)
+
+    sched = NoiseSchedule(ScheduleConfig())
+    z0 = torch.rand(6, 2, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss = denoising_loss(Zero(), sched, z0, None, None, generator=torch.Generator().manual_seed(3), kind="mse",
+                          prediction="v", min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = ab.sqrt() * noise - (1 - ab).sqrt() * z0
+    snr = ab.flatten() / (1 - ab.flatten())
+    expected = (snr.clamp(max=5.0) / (snr + 1) * v.pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_denoising_loss_without_a_generator_draws_on_the_latents_device(monkeypatch):
+    """No host-side random numbers per training step: t and the noise are drawn where z0 lives."""
+    from pokesprite.train.diffusion import denoising_loss
+
+    devices = []
+    for fn in ("randint", "randn"):
+        real = getattr(torch, fn)
+        monkeypatch.setattr(torch, fn, lambda *a, _real=real, **k: devices.append(k.get("device")) or _real(*a, **k))
+    z0 = torch.zeros(3, 2, 4, 4, device="meta")
+    loss = denoising_loss(lambda x, t, c, m: torch.zeros_like(x), NoiseSchedule(ScheduleConfig()), z0, None, None)
+    assert loss.device.type == "meta"
+    assert len(devices) == 2 and all(torch.device(d).type == "meta" for d in devices), devices
+
+
+def test_a_tiny_unet_learns_v():
+    from pokesprite.config import UNetConfig
+    from pokesprite.models.unet import UNet
+    from pokesprite.train.diffusion import denoising_loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 60k-parameter net on 8x8 latents: threads only contend
+    try:
+        torch.manual_seed(0)
+        unet = UNet(UNetConfig(latent_channels=2, channels=(8, 16), attention=(False, True), heads=2, groups=4),
+                    context_dim=8)
+        sched = NoiseSchedule(ScheduleConfig())
+        g = torch.Generator().manual_seed(0)
+        z0 = torch.rand(16, 2, 8, 8, generator=g) * 2 - 1
+        ctx, mask = torch.randn(16, 3, 8, generator=g), torch.ones(16, 3, dtype=torch.bool)
+        args = dict(kind="mse", prediction="v", min_snr_gamma=5.0)
+
+        def fixed_loss():  # fixed t and noise, as validation
+            with torch.no_grad():
+                return denoising_loss(unet, sched, z0, ctx, mask, generator=torch.Generator().manual_seed(1),
+                                      **args).item()
+
+        before = fixed_loss()
+        opt = torch.optim.Adam(unet.parameters(), lr=5e-3)
+        for _ in range(40):
+            loss = denoising_loss(unet, sched, z0, ctx, mask, generator=g, **args)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert fixed_loss() < 0.85 * before
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_config_prediction_and_min_snr_gamma():
+    cfg = DiffusionStageConfig()
+    assert (cfg.prediction, cfg.min_snr_gamma) == ("eps", 0.0)  # today's objective
+    assert from_dict(DiffusionStageConfig, {"prediction": "v", "min_snr_gamma": 5}, "diffusion").min_snr_gamma == 5.0
+    with pytest.raises(ConfigError, match="diffusion.prediction must be eps or v"):
+        from_dict(DiffusionStageConfig, {"prediction": "x0"}, "diffusion")
+    with pytest.raises(ConfigError, match="diffusion.min_snr_gamma"):
+        from_dict(DiffusionStageConfig, {"min_snr_gamma": -1.0}, "diffusion")
+
+
+# --- the pipeline and stage 3 with stand-in models ---
+
+class OracleUNet(torch.nn.Module):
+    """Returns the exact eps or v for the clean latent ``x0`` (set by the test)."""
+
+    def __init__(self, sched, prediction, channels=3):
+        super().__init__()
+        self.sched, self.prediction, self.x0 = sched, prediction, None
+        self.cfg = SimpleNamespace(latent_channels=channels)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device
+
+    def forward(self, x, t, context, mask):
+        return oracle_output(self.sched, x, t, self.x0, self.prediction)
+
+
+class StubText(torch.nn.Module):
+    def tokenize(self, captions, device="cpu"):
+        n = len(captions)
+        return {"input_ids": torch.zeros(n, 1, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(n, 1, dtype=torch.long, device=device)}
+
+    def forward(self, input_ids, attention_mask):
+        return torch.zeros(len(input_ids), 1, 4)
+
+
+class IdentityVAE(torch.nn.Module):
+    """Decodes a (B, 3, 4, 4) latent to itself, an image in [-1, 1]."""
+    cfg = SimpleNamespace(text_conditioning=False)
+    latent_size = 4
+
+    def decode(self, z):
+        return z
+
+
+@pytest.mark.parametrize("sampler,guidance", [("ddpm", 1.0), ("ddim", 3.0)])
+def test_pipeline_samples_a_v_model_with_guidance(sampler, guidance):
+    """A v-oracle for a known image: the pipeline built with prediction=v draws exactly that image."""
+    from pokesprite.config import SampleConfig
+    from pokesprite.data.dataset import to_uint8
+    from pokesprite.pipeline import SpritePipeline
+
+    sched = NoiseSchedule(ScheduleConfig())
+    x0 = ((torch.arange(48) * 5 + 5) / 127.5 - 1).view(1, 3, 4, 4)  # uint8 levels 5, 10, ..., 240
+    expected = to_uint8(x0).permute(0, 2, 3, 1).numpy()
+    unet = OracleUNet(sched, "v")
+    unet.x0 = x0
+    pipes = {prediction: SpritePipeline(IdentityVAE(), unet, StubText(), sched, latent_scale=1.0,
+                                        prediction=prediction,
+                                        sample=SampleConfig(sampler=sampler, steps=10, guidance_scale=guidance))
+             for prediction in ("v", "eps")}
+    assert (pipes["v"](["a sprite"], seed=0) == expected).all()
+    # One step from pure noise (t = T-1): v gives x0 exactly, the same output read as eps does not.
+    assert (pipes["v"](["a sprite"], seed=0, num_steps=1) == expected).all()
+    assert (pipes["eps"](["a sprite"], seed=0, num_steps=1) != expected).mean() > 0.5
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_one_step_objective_follows_the_prediction(prediction):
+    """With an oracle U-Net the consistency loss is 0 and the decoded one-step x0 is the clean latent."""
+    from pokesprite.config import FinetuneStageConfig, SampleConfig
+    from pokesprite.pipeline import SpritePipeline
+    from pokesprite.train.finetune import OneStepObjective
+
+    sched = NoiseSchedule(ScheduleConfig())
+    g = torch.Generator().manual_seed(0)
+    mean = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
+    logvar = torch.full_like(mean, -60.0)  # z0 = mean
+    unet = OracleUNet(sched, prediction)
+    unet.x0 = mean
+    pipe = SpritePipeline(IdentityVAE(), unet, StubText(), sched, latent_scale=1.0, sample=SampleConfig(),
+                          prediction=prediction)
+    decoded = []
+    align = SimpleNamespace(logit_scale=torch.tensor(math.log(10.0)),
+                            encode_image=lambda images: decoded.append(images) or images.flatten(1)[:, :8])
+    obj = OneStepObjective(pipe, align, ["a", "b", "c", "d"], torch.randn(4, 8, generator=g),
+                           FinetuneStageConfig(), loss_kind="mse", cond_drop_prob=0.0, device="cpu",
+                           min_snr_gamma=5.0)
+    _, consistency, _, idx = obj((mean, logvar, torch.arange(4)), torch.Generator().manual_seed(1), train=False)
+    assert consistency.item() < 1e-10
+    assert idx.tolist() == [0, 1, 2, 3] and torch.allclose(decoded[0], mean, atol=1e-5)
+
+
+# --- checkpoints and saved pipelines written before v-prediction load as eps ---
+
+@pytest.fixture(scope="module")
+def tiny_text_dir(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT next to the bundled tokenizer files (nothing downloaded)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from pokesprite.models.text import resolve_model_path
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(Path(resolve_model_path("bundled")) / f, d / f)
+    return d
+
+
+TINY_UNET = dict(latent_channels=8, channels=(8, 16), attention=(False, True), heads=2, groups=4)
+
+
+def test_diffusion_checkpoint_without_the_keys_loads_as_eps(tiny_text_dir, tmp_path):
+    from pokesprite.config import TextConfig, UNetConfig, to_dict
+    from pokesprite.models.text import TextEncoder
+    from pokesprite.models.unet import UNet
+    from pokesprite.train.diffusion import load_diffusion
+
+    text_cfg = TextConfig(model=str(tiny_text_dir), max_tokens=16, dim=8)
+    text = TextEncoder.from_pretrained(text_cfg.model, dim=8, max_tokens=16)
+    unet_cfg = UNetConfig(**TINY_UNET)
+    old = {"kind": "diffusion", "unet_config": to_dict(unet_cfg), "unet": UNet(unet_cfg, context_dim=8).state_dict(),
+           "text_config": to_dict(text_cfg), "text_proj": text.proj.state_dict(),
+           "schedule_config": to_dict(ScheduleConfig()), "loss": "huber"}
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = load_diffusion(tmp_path / "old.pt")[3]
+    assert (ckpt["prediction"], ckpt["min_snr_gamma"]) == ("eps", 0.0)
+    torch.save({**old, "prediction": "v", "min_snr_gamma": 5.0}, tmp_path / "new.pt")
+    ckpt = load_diffusion(tmp_path / "new.pt")[3]
+    assert (ckpt["prediction"], ckpt["min_snr_gamma"]) == ("v", 5.0)
+    torch.save({**old, "prediction": "x0"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        load_diffusion(tmp_path / "bad.pt")
+
+
+def test_saved_pipeline_keeps_its_prediction_and_old_ones_load_as_eps(tiny_text_dir, tmp_path):
+    from pokesprite.config import SampleConfig, UNetConfig, VAEConfig
+    from pokesprite.models.text import TextEncoder
+    from pokesprite.models.unet import UNet
+    from pokesprite.models.vae import VAE
+    from pokesprite.pipeline import PIPELINE_FILE, SpritePipeline
+
+    pipe = SpritePipeline(VAE(VAEConfig(channels=(8, 8, 8, 8))), UNet(UNetConfig(**TINY_UNET), context_dim=8),
+                          TextEncoder.from_pretrained(str(tiny_text_dir), dim=8, max_tokens=16),
+                          NoiseSchedule(ScheduleConfig()), latent_scale=1.0, sample=SampleConfig(), prediction="v")
+    path = pipe.save(tmp_path / "model")
+    assert SpritePipeline.load(path).prediction == "v"
+    saved = torch.load(path / PIPELINE_FILE, weights_only=False)
+    del saved["prediction"]  # as written before v-prediction existed
+    torch.save(saved, path / PIPELINE_FILE)
+    assert SpritePipeline.load(path).prediction == "eps"

@@ -1,14 +1,15 @@
-"""Samplers: reverse the schedule with a noise-predicting model.
+"""Samplers: reverse the schedule with a model that predicts the noise eps or the velocity v.
 
 Both samplers walk the same evenly spaced subset of the training steps and share one interface:
-``sampler.timesteps`` to iterate over and ``sampler.step(eps, i, x)`` for x_t -> x_prev. The pipeline
-owns the loop (model -> guidance -> step).
+``sampler.timesteps`` to iterate over and ``sampler.step(output, i, x)`` for x_t -> x_prev, where
+``output`` is the (guided) model output of the kind the sampler was built for. The pipeline owns the
+loop (model -> guidance -> step).
 """
 from __future__ import annotations
 
 import torch
 
-from pokesprite.diffusion.schedule import NoiseSchedule
+from pokesprite.diffusion.schedule import NoiseSchedule, check_prediction
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -21,17 +22,20 @@ def spaced_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
 
 
 class _Sampler:
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, clip_x0: float):
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, clip_x0: float, prediction: str):
         self.schedule = schedule
         self.clip_x0 = clip_x0
+        self.prediction = check_prediction(prediction)  # what the model outputs: eps or v
         self.timesteps = spaced_timesteps(schedule.timesteps, num_steps)
         ab = schedule.alphas_cumprod[self.timesteps]
         self.alpha_bar = ab
         self.alpha_bar_prev = torch.cat([ab[1:], torch.ones(1, dtype=ab.dtype)])
 
-    def predicted_x0(self, eps, i, x):
+    def predicted_x0(self, output, i, x):
+        """The model output at position ``i`` -> its clean latent, clamped to +-clip_x0."""
         t = self.timesteps[i].repeat(x.shape[0])
-        return self.schedule.predict_x0(x, eps, t).clamp(-self.clip_x0, self.clip_x0)
+        _, x0 = self.schedule.eps_and_x0(output, x, t, self.prediction)
+        return x0.clamp(-self.clip_x0, self.clip_x0)
 
     def is_last(self, i: int) -> bool:
         return i == len(self.timesteps) - 1
@@ -45,8 +49,8 @@ class DDPMSampler(_Sampler):
     so the sampler uses exactly the schedule the model was trained with.
     """
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, clip_x0: float = 3.0):
-        super().__init__(schedule, num_steps, clip_x0)
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, clip_x0: float = 3.0, prediction: str = "eps"):
+        super().__init__(schedule, num_steps, clip_x0, prediction)
         ab, ab_prev = self.alpha_bar, self.alpha_bar_prev
         self.betas = 1 - ab / ab_prev
         # Posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 7).
@@ -54,9 +58,9 @@ class DDPMSampler(_Sampler):
         self.coef_xt = (1 - self.betas).sqrt() * (1 - ab_prev) / (1 - ab)
         self.variance = self.betas * (1 - ab_prev) / (1 - ab)
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
+    def step(self, output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
         """One reverse step at position ``i`` of ``self.timesteps``: x_t -> x_prev."""
-        x0 = self.predicted_x0(eps, i, x)
+        x0 = self.predicted_x0(output, i, x)
         mean = self.coef_x0[i].to(x.dtype) * x0 + self.coef_xt[i].to(x.dtype) * x
         if self.is_last(i):
             return mean
@@ -67,14 +71,15 @@ class DDPMSampler(_Sampler):
 class DDIMSampler(_Sampler):
     """DDIM (Song et al. 2021, eq. 12); ``eta`` = 0 is deterministic, 1 matches DDPM's variance."""
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0, clip_x0: float = 3.0):
-        super().__init__(schedule, num_steps, clip_x0)
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0, clip_x0: float = 3.0,
+                 prediction: str = "eps"):
+        super().__init__(schedule, num_steps, clip_x0, prediction)
         ab, ab_prev = self.alpha_bar, self.alpha_bar_prev
         self.sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
+    def step(self, output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
         ab, ab_prev, sigma = (v[i].to(x.dtype) for v in (self.alpha_bar, self.alpha_bar_prev, self.sigma))
-        x0 = self.predicted_x0(eps, i, x)
+        x0 = self.predicted_x0(output, i, x)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise consistent with the clamped x0
         out = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if sigma > 0 and not self.is_last(i):
@@ -82,11 +87,13 @@ class DDIMSampler(_Sampler):
         return out
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, clip_x0: float = 3.0):
-    """``clip_x0``: predicted clean latents are clamped to +-clip_x0 (the seed's +-3; 0 = no clamp)."""
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, clip_x0: float = 3.0, *,
+                 prediction: str = "eps"):
+    """``clip_x0``: predicted clean latents are clamped to +-clip_x0 (the seed's +-3; 0 = no clamp).
+    ``prediction``: what the model outputs, eps or v (``NoiseSchedule.eps_and_x0``)."""
     clip_x0 = clip_x0 if clip_x0 > 0 else float("inf")
     if name == "ddpm":
-        return DDPMSampler(schedule, num_steps, clip_x0=clip_x0)
+        return DDPMSampler(schedule, num_steps, clip_x0=clip_x0, prediction=prediction)
     if name == "ddim":
-        return DDIMSampler(schedule, num_steps, clip_x0=clip_x0)
+        return DDIMSampler(schedule, num_steps, clip_x0=clip_x0, prediction=prediction)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
