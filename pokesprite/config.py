@@ -129,8 +129,17 @@ class TrainConfig:
     # > 0: a wall-clock budget for the stage. After the first epoch the run measures its epoch time
     # and, if ``epochs`` would not fit, trains fewer epochs with the one-cycle schedule re-fitted to them.
     max_minutes: float = 0.0
+    # fp32, or bf16: autocast of the forward passes to bfloat16 (weights and optimiser state stay fp32)
+    precision: str = "fp32"
+    log_every: int = 1  # read the step's scalars and the guard's counts (a host sync) every N steps
+    channels_last: bool = False  # convolutional models and their inputs in channels-last memory format
+    compile: bool = False  # torch.compile the stage's network (pays its compile time once per run)
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be at least 1, got {self.log_every}")
         if self.max_minutes < 0:
             raise ConfigError(f"max_minutes must be >= 0, got {self.max_minutes}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -159,10 +168,28 @@ class VAELossConfig:
 
 
 @dataclass(frozen=True)
+class DiscriminatorConfig:
+    """The VAE's optional patch discriminator (hinge loss), as in latent diffusion's autoencoders."""
+    weight: float = 0.0  # adversarial loss weight, times the adaptive weight (0 = no discriminator)
+    start_epoch: int = 0  # first epoch with the adversarial loss: after the reconstruction has settled
+    channels: int = 64
+    layers: int = 3  # stride-2 layers; 3 judges ~70 px patches
+    lr: float = 1.0e-4  # the discriminator's AdamW learning rate (constant)
+
+    def __post_init__(self):
+        if self.weight < 0 or self.start_epoch < 0 or self.lr <= 0:
+            raise ConfigError("vae.discriminator: weight and start_epoch must be >= 0 and lr > 0")
+        if self.channels < 4 or self.channels % 4 or not 1 <= self.layers <= 5:
+            raise ConfigError(f"vae.discriminator: channels must be a multiple of 4 and layers in 1..5, "
+                              f"got {self.channels} and {self.layers}")
+
+
+@dataclass(frozen=True)
 class VAEStageConfig:
     model: VAEConfig = field(default_factory=VAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
 
 @dataclass(frozen=True)
@@ -175,10 +202,21 @@ class DiffusionStageConfig:
     ema_decay: float = 0.999  # EMA of the U-Net and text projection used for sampling (0 = off)
     loss: str = "huber"  # noise-prediction loss: huber (SmoothL1, the seed's) or mse
     latent_clamp: float = 3.0  # scaled latents and predicted x0 are clamped to +-this (0 = off)
+    # What the U-Net predicts: eps (the noise) or v = sqrt(ab) eps - sqrt(1 - ab) x0, the velocity of
+    # Salimans & Ho (2022). Sampling, guidance and stage 3 follow the choice stored in the checkpoint.
+    prediction: str = "eps"
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; they use 5): each sample's loss weighted by
+    # min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v). 0 = off, every sample weighs 1.
+    min_snr_gamma: float = 0.0
 
     def __post_init__(self):
         if self.loss not in ("huber", "mse"):
             raise ConfigError(f"diffusion.loss must be huber or mse, got {self.loss!r}")
+        if self.prediction not in ("eps", "v"):
+            raise ConfigError(f"diffusion.prediction must be eps or v, got {self.prediction!r}")
+        if not 0 <= self.min_snr_gamma < float("inf"):
+            raise ConfigError(f"diffusion.min_snr_gamma must be a finite number >= 0 (0 = off), "
+                              f"got {self.min_snr_gamma}")
         if not 0 <= self.cond_drop_prob < 1:
             raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if not 0 <= self.ema_decay < 1:
@@ -237,8 +275,24 @@ class EvaluateConfig:
     # Promotion: a new version becomes champion when its KID is lower than the champion's and its
     # independent-scorer R-precision is not lower by more than this; otherwise it is the challenger.
     alignment_tolerance: float = 0.02
+    # The few-shot GAN protocol: > 0 draws this many sprites (captions of every split cycled in
+    # Pokedex order) and reports fid_all / kid_all against all real sprites; 0 = off.
+    fid_samples: int = 0
+    # Memorisation: a generated sprite is a near copy when its nearest training sprite is closer than
+    # this percentile of the real held-out sprites' nearest-training distances.
+    copy_percentile: float = 1.0
+    # Guidance curve: KID and independent R-precision of the held-out set drawn at each of these
+    # classifier-free guidance scales (e.g. [1, 2, 3, 5, 7]); empty = off.
+    guidance_scales: tuple[float, ...] = ()
 
     def __post_init__(self):
+        if self.fid_samples < 0 or self.fid_samples == 1:
+            raise ConfigError(f"evaluate.fid_samples must be 0 (off) or at least 2, got {self.fid_samples}")
+        if not 0.0 <= self.copy_percentile <= 100.0:
+            raise ConfigError(f"evaluate.copy_percentile must be in [0, 100], got {self.copy_percentile}")
+        if any(g < 0 for g in self.guidance_scales) or len(set(self.guidance_scales)) != len(self.guidance_scales):
+            raise ConfigError("evaluate.guidance_scales must be distinct scales >= 0 (1 = no guidance), "
+                              f"got {list(self.guidance_scales)}")
         if self.sampler not in ("", "ddpm", "ddim"):
             raise ConfigError(f"evaluate.sampler must be empty (the model's own), ddpm or ddim, got {self.sampler!r}")
         if self.steps < 0 or self.max_captions < 0:

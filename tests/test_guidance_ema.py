@@ -2,7 +2,7 @@ import torch
 
 from pokesprite.config import UNetConfig
 from pokesprite.models.unet import UNet
-from pokesprite.pipeline import guided_eps
+from pokesprite.pipeline import guided_output
 from pokesprite.train.ema import EMA
 from pokesprite.train.diffusion import drop_captions
 
@@ -17,9 +17,9 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     mask = torch.ones(2, 6, dtype=torch.bool)
     cond = unet(x, t, ctx, mask)
     uncond = unet(x, t, unc, mask)
-    assert torch.allclose(guided_eps(unet, x, t, ctx, mask, unc, mask, 1.0), cond, atol=1e-5)
-    assert torch.allclose(guided_eps(unet, x, t, ctx, mask, unc, mask, 0.0), uncond, atol=1e-5)
-    assert torch.allclose(guided_eps(unet, x, t, ctx, mask, unc, mask, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
+    assert torch.allclose(guided_output(unet, x, t, ctx, mask, unc, mask, 1.0), cond, atol=1e-5)
+    assert torch.allclose(guided_output(unet, x, t, ctx, mask, unc, mask, 0.0), uncond, atol=1e-5)
+    assert torch.allclose(guided_output(unet, x, t, ctx, mask, unc, mask, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
 
 
 def test_ema_known_values_and_swap():
@@ -52,3 +52,26 @@ def test_caption_dropout_rate_and_replacement():
     assert hidden.sum() == 1000 * 12  # the cached features are not modified
     h0, _ = drop_captions(hidden, mask, empty_h, empty_m, 0.0, g)
     assert torch.equal(h0, hidden)
+
+
+def test_foreach_ema_equals_the_per_parameter_lerp_and_ignores_skipped_updates():
+    from pokesprite.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GroupNorm(2, 4))
+    ema = EMA(model, 0.99)
+    reference = [p.detach().clone() for p in model.parameters()]
+    for n in range(1, 31):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        skipped = n in (5, 6)
+        ema.update(model, torch.tensor(not skipped))
+        if not skipped:  # the reference: lerp each parameter with d = min(decay, (1 + k) / (10 + k))
+            k = n - sum(1 for s in (5, 6) if s < n)
+            d = min(0.99, (1 + k) / (10 + k))
+            for avg, p in zip(reference, model.parameters()):
+                avg.lerp_(p.detach(), 1 - d)
+    assert ema.num_updates == 28
+    for avg, ref in zip(ema.shadow.parameters(), reference):
+        torch.testing.assert_close(avg, ref, atol=1e-6, rtol=1e-6)

@@ -15,7 +15,7 @@ from pokesprite.train.stability import TrainingDiverged
 STEPS = 20  # batches per epoch of the toy stage
 
 
-def toy_stage(*, bad_steps=(), inf_grad_steps=(), huge_steps=(), ema_decay=0.0, seed=0):
+def toy_stage(*, bad_steps=(), inf_grad_steps=(), huge_steps=(), ema_decay=0.0, seed=0, steps=STEPS):
     """Linear regression on fresh random batches; chosen global steps give a NaN loss, an inf gradient or x1e4."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -24,7 +24,7 @@ def toy_stage(*, bad_steps=(), inf_grad_steps=(), huge_steps=(), ema_decay=0.0, 
     calls = {"n": 0}
 
     def batches(epoch):
-        for _ in range(STEPS):
+        for _ in range(steps):
             x = torch.randn(16, 4, generator=g)
             yield x, x @ w_true.T
 
@@ -46,7 +46,7 @@ def toy_stage(*, bad_steps=(), inf_grad_steps=(), huge_steps=(), ema_decay=0.0, 
         return {"val_loss": float(((model.weight - w_true) ** 2).sum())}
 
     return Stage(name="toy", model=model, loss=loss, batches=batches, validate=validate,
-                 export=lambda: {"weights": model.state_dict()}, generator=g, steps_per_epoch=STEPS,
+                 export=lambda: {"weights": model.state_dict()}, generator=g, steps_per_epoch=steps,
                  ema_decay=ema_decay, config={"toy": True})
 
 
@@ -174,3 +174,76 @@ def test_save_every_holds_best_in_memory_and_writes_it_at_the_next_save(tmp_path
     fit(stage(), cfg(epochs=5, checkpoint_every=1), out_dir=tmp_path / "every")
     epoch4 = load_checkpoint(tmp_path / "every" / "epoch_0004.pt", "toy")["weights"]
     assert all(torch.equal(epoch4[k], best["weights"][k]) for k in epoch4)  # the held copy, not later weights
+
+
+def test_bf16_precision_runs_the_forward_pass_in_bfloat16_and_still_learns(tmp_path):
+    stage = toy_stage()
+    seen = []
+    inner = stage.loss
+
+    def loss(batch, epoch):
+        out, extra = inner(batch, epoch)
+        seen.append(stage.model(batch[0]).dtype)
+        return out, extra
+
+    stage.loss = loss
+    start = stage.validate(0)["val_loss"]
+    result = fit(stage, cfg(precision="bf16"), out_dir=tmp_path)
+    assert set(seen) == {torch.bfloat16}
+    assert stage.model.weight.dtype == torch.float32  # weights (and AdamW state) stay fp32
+    assert result.history[-1]["val_loss"] < 0.05 * start
+
+
+def test_the_guard_decides_on_the_device_whatever_the_sync_interval(tmp_path):
+    """Reading the counters every 7 steps instead of every step changes nothing the guard decides."""
+    runs = {}
+    for every in (1, 7):
+        stage = toy_stage(bad_steps={3, 5}, inf_grad_steps={25}, huge_steps={30})
+        runs[every] = (fit(stage, cfg(log_every=every), out_dir=tmp_path / str(every)), stage.model.state_dict())
+    (a, wa), (b, wb) = runs[1], runs[7]
+    assert (a.skipped_batches, a.explosions) == (b.skipped_batches, b.explosions) == (3, 1)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_divergence_is_caught_at_the_next_sync_point(tmp_path):
+    stage = toy_stage(bad_steps=set(range(1, 100)))
+    with pytest.raises(TrainingDiverged, match=r"toy: stopped after 7 batches"):
+        fit(stage, cfg(max_bad_batches=5, log_every=7), out_dir=tmp_path)
+
+
+def test_a_skipped_batch_leaves_weights_and_optimiser_state_untouched():
+    from pokesprite.train.common import make_optimizer, optimizer_step
+
+    model = nn.Linear(3, 1)
+    opt = make_optimizer(model.parameters(), 0.1, 0.01)
+    assert opt.defaults["fused"]
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer_step(opt, torch.tensor(True))  # one real step, so there is state to keep
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer_step(opt, torch.tensor(False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in opt.state[model.weight].items())  # step count too
+    optimizer_step(opt, torch.tensor(True))
+    assert not torch.equal(before["weight"], model.weight)
+
+
+def test_the_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_length(tmp_path, monkeypatch):
+    """No host sync per step: with log_every larger than the epoch, host reads do not grow with steps."""
+    counts = {"n": 0}
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, **k):
+            counts["n"] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    reads = {}
+    for every, steps in ((1000, 20), (1000, 60), (1, 20), (1, 60)):
+        counts["n"] = 0
+        fit(toy_stage(steps=steps), cfg(epochs=1, log_every=every), out_dir=tmp_path / f"{every}_{steps}")
+        reads[every, steps] = counts["n"]
+    assert reads[1000, 20] == reads[1000, 60], reads
+    assert reads[1, 60] > reads[1, 20]  # the counter does see per-step reads when they happen

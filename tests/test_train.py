@@ -21,7 +21,7 @@ def with_train(stage_cfg, **changes):
 @pytest.fixture(scope="module")
 def vae_run(processed, tiny_params, tmp_path_factory):
     out = tmp_path_factory.mktemp("vae")
-    cfg = with_train(tiny_params.vae, epochs=12, max_train_items=4, batch_size=4, lr=3e-3, sample_every=0)
+    cfg = with_train(tiny_params.vae, epochs=20, max_train_items=4, batch_size=4, lr=3e-3, sample_every=0)
     from pokesprite.tracking import Tracker
 
     tracker = Tracker()
@@ -114,15 +114,23 @@ def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusio
 
 
 def test_vae_resume_equals_the_straight_run(processed, tiny_params, tmp_path):
-    """2 epochs straight == 1 epoch + resume + 1 (augmentation, dropout-free VAE, perceptual loss, KL annealing)."""
+    """2 epochs straight == 1 epoch + resume + 1 (augmentation, perceptual loss, KL annealing, and the
+    patch discriminator, which joins in epoch 2 and whose weights and optimiser come from the checkpoint)."""
+    from pokesprite.config import DiscriminatorConfig
+
     cfg = with_train(tiny_params.vae, epochs=2, max_train_items=8, sample_every=0, checkpoint_every=1)
+    cfg = dataclasses.replace(cfg, discriminator=DiscriminatorConfig(weight=0.5, start_epoch=2, channels=8, layers=2))
     train_vae(cfg, tiny_params.data, data_dir=processed, out_dir=tmp_path / "a", seed=0)
     train_vae(cfg, tiny_params.data, data_dir=processed, out_dir=tmp_path / "b", seed=5,
               resume=tmp_path / "a" / "epoch_0001.pt")
     a, b = (load_checkpoint(tmp_path / d / "last.pt", "vae") for d in "ab")
     assert a["history"] == b["history"]
+    assert "train_d_loss" not in a["history"][0] and a["history"][1]["train_d_loss"] > 0
+    assert a["history"][1]["train_adaptive_weight"] > 0
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    for k, v in a["train"]["extra"]["disc"].items():
+        assert torch.equal(v, b["train"]["extra"]["disc"][k]), k
 
 
 def test_diffusion_resume_equals_the_straight_run(processed, tiny_params, vae_run, tmp_path):

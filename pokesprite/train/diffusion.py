@@ -16,18 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pokesprite.config import DataConfig, DiffusionStageConfig, ScheduleConfig, TextConfig, UNetConfig, from_dict, to_dict
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.diffusion.schedule import NoiseSchedule
+from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid
 from pokesprite.losses import noise_loss
+from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.train.common import load_checkpoint, seed_everything
 from pokesprite.train.loop import Stage, fit
 from pokesprite.train.vae import load_vae
@@ -48,10 +49,11 @@ def encode_latents(vae, dataset: SpriteDataset, device, batch_size: int = 16):
 
 
 class LatentCache:
-    """Latent posteriors and caption features of one split, held in memory."""
+    """Latent posteriors and caption features of one split, held on the training device."""
 
     def __init__(self, vae, text: TextEncoder, dataset: SpriteDataset, device, *, latent_scale: float):
-        self.mean, self.logvar = encode_latents(vae, dataset, device)
+        mean, logvar = encode_latents(vae, dataset, device)
+        self.mean, self.logvar = mean.to(device), logvar.to(device)
         self.hidden, self.mask = text.encode_hidden(dataset.captions, device=device)
         self.captions = dataset.captions
         self.latent_scale = latent_scale
@@ -59,41 +61,63 @@ class LatentCache:
     def __len__(self):
         return len(self.mean)
 
-    def loader(self, batch_size: int, *, shuffle: bool, generator=None) -> DataLoader:
-        ds = TensorDataset(self.mean, self.logvar, self.hidden, self.mask)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          drop_last=shuffle and len(ds) > batch_size)
+    def take(self, idx: torch.Tensor):
+        """(mean, logvar, hidden, mask) of the items ``idx`` (an index tensor on the cache's device)."""
+        return self.mean[idx], self.logvar[idx], self.hidden[idx], self.mask[idx]
+
+    def loader(self, batch_size: int, *, shuffle: bool, generator=None):
+        """Batches of ``take``: in order, or shuffled with the last short batch dropped."""
+        for idx in batch_indices(len(self), batch_size, shuffle=shuffle, generator=generator,
+                                 device=self.mean.device):
+            yield self.take(idx)
 
 
-def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None,
-                   kind: str = "huber") -> torch.Tensor:
-    """Noise-prediction loss (Huber as the seed says, or MSE) at uniformly sampled timesteps."""
+def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None, kind: str = "huber",
+                   prediction: str = "eps", min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Loss of the U-Net's ``prediction`` (eps, or v of Salimans & Ho 2022) at uniformly sampled timesteps:
+    Huber as the seed says, or MSE; each sample weighted by Min-SNR-gamma (Hang et al. 2023) when
+    ``min_snr_gamma`` > 0.
+
+    t and the noise are drawn on the generator's device; without one on z0's, so that a GPU step copies
+    no random numbers from the host. Validation's fixed-seed CPU generator keeps its numbers.
+    """
     t = schedule.sample_timesteps(len(z0), generator, device=z0.device)
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
-    eps = unet(schedule.add_noise(z0, noise, t), t, context, mask)
-    return noise_loss(eps, noise, kind)
+    draw_on = generator.device if generator is not None else z0.device
+    noise = torch.randn(z0.shape, generator=generator, device=draw_on, dtype=z0.dtype).to(z0.device)
+    out = unet(schedule.add_noise(z0, noise, t), t, context, mask)
+    return noise_loss(out, schedule.target(z0, noise, t, prediction), kind,
+                      schedule.loss_weight(t, prediction, min_snr_gamma))
 
 
 def drop_captions(hidden, mask, empty_hidden, empty_mask, prob: float, generator=None):
-    """Replace each caption by the empty caption "" with probability ``prob`` (classifier-free guidance)."""
-    drop = torch.rand(len(hidden), generator=generator) < prob
-    if drop.any():
-        hidden, mask = hidden.clone(), mask.clone()
-        hidden[drop], mask[drop] = empty_hidden, empty_mask
+    """Replace each caption by the empty caption "" with probability ``prob`` (classifier-free guidance).
+
+    Decided on the device (no host sync); ``empty_hidden`` (1, L, D) and ``empty_mask`` (1, L) broadcast.
+    """
+    device = generator.device if generator is not None else hidden.device
+    drop = (torch.rand(len(hidden), generator=generator, device=device) < prob).to(hidden.device)
+    hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(hidden.dtype), hidden)
+    mask = torch.where(drop.view(-1, 1), empty_mask.to(mask.dtype), mask)
     return hidden, mask
 
 
 def sample_latents(mean, logvar, scale: float, generator=None, clamp: float = 0.0):
-    """z ~ q(z | x), times the latent scale; clamped to +-``clamp`` (the seed's +-3) when clamp > 0."""
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    """z ~ q(z | x), times the latent scale; clamped to +-``clamp`` (the seed's +-3) when clamp > 0.
+
+    The noise comes from ``generator`` (on its device), else from the default generator of mean's device.
+    """
+    device = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=device).to(mean.device)
     z = (mean + torch.exp(0.5 * logvar) * noise) * scale
     return z.clamp(-clamp, clamp) if clamp > 0 else z
 
 
 @torch.no_grad()
 def validation_loss(unet, text: TextEncoder, schedule, cache: LatentCache, device, batch_size: int,
-                    seed: int = 1234, kind: str = "huber", clamp: float = 0.0) -> float:
-    """Denoising loss with fixed noise and timesteps, so that epochs (and runs) are comparable."""
+                    seed: int = 1234, kind: str = "huber", clamp: float = 0.0, prediction: str = "eps",
+                    min_snr_gamma: float = 0.0) -> float:
+    """The training objective (``denoising_loss``: same target and weighting) with fixed noise and
+    timesteps, so that epochs (and runs with the same objective) are comparable."""
     unet.eval()
     text.eval()
     g = torch.Generator().manual_seed(seed)
@@ -101,15 +125,23 @@ def validation_loss(unet, text: TextEncoder, schedule, cache: LatentCache, devic
     for mean, logvar, hidden, mask in cache.loader(batch_size, shuffle=False):
         z0 = sample_latents(mean, logvar, cache.latent_scale, g, clamp).to(device)
         loss = denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g,
-                              kind=kind)
+                              kind=kind, prediction=prediction, min_snr_gamma=min_snr_gamma)
         total += loss.item() * len(mean)
         n += len(mean)
     return total / n
 
 
 def load_diffusion(path: Path, device="cpu"):
-    """Rebuild (U-Net, text encoder with its trained projection, schedule, checkpoint) from a stage-2 checkpoint."""
+    """Rebuild (U-Net, text encoder with its trained projection, schedule, checkpoint) from a stage-2 checkpoint.
+
+    The returned checkpoint always has ``prediction`` and ``min_snr_gamma``: older ones, written before
+    these existed, trained eps without weighting, so they read as "eps" and 0.
+    """
     ckpt = load_checkpoint(path, "diffusion")
+    ckpt.setdefault("prediction", "eps")
+    ckpt.setdefault("min_snr_gamma", 0.0)
+    if ckpt["prediction"] not in PREDICTIONS:
+        raise ValueError(f"{path}: unknown prediction {ckpt['prediction']!r}; expected one of {', '.join(PREDICTIONS)}")
     text_cfg = from_dict(TextConfig, ckpt["text_config"], "text")
     text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
     text.proj.load_state_dict(ckpt["text_proj"])
@@ -142,27 +174,31 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     empty_hidden, empty_mask = text.encode_hidden([""], device=device)  # the unconditional "caption"
 
     schedule = NoiseSchedule(cfg.schedule)
-    unet = UNet(cfg.unet, context_dim=text_cfg.dim).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    unet = UNet(cfg.unet, context_dim=text_cfg.dim).to(device, memory_format=memory_format)
+    if cfg.train.compile:
+        unet.compile()  # in place: the state dict keeps its names
     trained = nn.ModuleDict({"unet": unet, "proj": text.proj})  # what the optimiser and the EMA see
     log.info("U-Net: %.2fM parameters, %d train / %d val latents",
              sum(p.numel() for p in unet.parameters()) / 1e6, len(train_cache), len(val_cache))
     pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale, sample=cfg.sample,
-                              latent_clamp=cfg.latent_clamp)
+                              latent_clamp=cfg.latent_clamp, prediction=cfg.prediction)
     prompts = val_cache.captions[:GRID_PROMPTS]
     bs = cfg.train.batch_size
-    drop_last = len(train_cache) > bs
 
-    def loss(batch, epoch):
-        mean, logvar, hidden, mask = batch
-        z0 = sample_latents(mean, logvar, latent_scale, g, cfg.latent_clamp).to(device)
-        hidden, mask = drop_captions(hidden, mask, empty_hidden, empty_mask, cfg.cond_drop_prob, g)
-        return denoising_loss(unet, schedule, z0, text.proj(hidden.to(device)), mask.to(device), generator=g,
-                              kind=cfg.loss), {}
+    def loss(idx, epoch):  # everything on the device, random numbers from its default generator
+        mean, logvar, hidden, mask = train_cache.take(idx)
+        z0 = sample_latents(mean, logvar, latent_scale, None, cfg.latent_clamp)
+        z0 = z0.contiguous(memory_format=memory_format)
+        hidden, mask = drop_captions(hidden, mask, empty_hidden, empty_mask, cfg.cond_drop_prob)
+        return denoising_loss(unet, schedule, z0, text.proj(hidden), mask, kind=cfg.loss,
+                              prediction=cfg.prediction, min_snr_gamma=cfg.min_snr_gamma), {}
 
     def validate(epoch):  # runs with the EMA weights
         text.eval()
         return {"val_loss": validation_loss(unet, text, schedule, val_cache, device, bs, kind=cfg.loss,
-                                            clamp=cfg.latent_clamp)}
+                                            clamp=cfg.latent_clamp, prediction=cfg.prediction,
+                                            min_snr_gamma=cfg.min_snr_gamma)}
 
     def on_epoch_end(epoch, metrics):
         if cfg.train.sample_every and epoch % cfg.train.sample_every == 0:
@@ -172,13 +208,15 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
         return {"unet_config": to_dict(cfg.unet), "unet": unet.state_dict(), "text_config": to_dict(text_cfg),
                 "text_proj": text.proj.state_dict(), "schedule_config": to_dict(cfg.schedule),
                 "sample": to_dict(cfg.sample), "cond_drop_prob": cfg.cond_drop_prob, "loss": cfg.loss,
-                "latent_clamp": cfg.latent_clamp, "vae_checkpoint": str(vae_checkpoint)}
+                "latent_clamp": cfg.latent_clamp, "prediction": cfg.prediction,
+                "min_snr_gamma": cfg.min_snr_gamma, "vae_checkpoint": str(vae_checkpoint)}
 
     stage = Stage(
         name="diffusion", model=trained, loss=loss, validate=validate, export=export, generator=g,
-        batches=lambda epoch: train_cache.loader(bs, shuffle=True, generator=g),
-        steps_per_epoch=len(train_cache) // bs if drop_last else 1, ema_decay=cfg.ema_decay,
-        on_epoch_end=on_epoch_end, config={**to_dict(cfg), "text": to_dict(text_cfg)})
+        batches=lambda epoch: batch_indices(len(train_cache), bs, shuffle=True, generator=g, device=device),
+        steps_per_epoch=steps_per_epoch(len(train_cache), bs), ema_decay=cfg.ema_decay,
+        on_epoch_end=on_epoch_end, config={**to_dict(cfg), "text": to_dict(text_cfg)},
+        device=torch.device(device))
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
 
     best_ckpt = load_checkpoint(out_dir / "best.pt", "diffusion")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
-from torch.utils.data import DataLoader
 
 from pokesprite.config import DataConfig, FinetuneStageConfig, SampleConfig, from_dict, to_dict
 from pokesprite.data.dataset import SpriteDataset
@@ -29,6 +28,7 @@ from pokesprite.losses import noise_loss
 from pokesprite.models.alignment import r_precision, retrieval_accuracy
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
+from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.train.common import load_checkpoint, seed_everything
 from pokesprite.train.diffusion import encode_latents, load_diffusion, sample_grid, sample_latents
 from pokesprite.train.loop import Stage, fit
@@ -39,8 +39,8 @@ GRID_PROMPTS = 8
 VAL_SEED = 1234
 
 
-class CaptionLatents(torch.utils.data.Dataset):
-    """(latent mean, latent logvar, index) of one split; captions and their embeddings are looked up by index."""
+class CaptionLatents:
+    """Latent posteriors of one split; captions and their embeddings are looked up by index."""
 
     def __init__(self, mean, logvar):
         self.mean, self.logvar = mean, logvar
@@ -48,18 +48,26 @@ class CaptionLatents(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.mean)
 
-    def __getitem__(self, i):
-        return self.mean[i], self.logvar[i], i
+    def take(self, idx: torch.Tensor):
+        """(latent mean, latent logvar, idx) of the items ``idx`` (a CPU index tensor)."""
+        return self.mean[idx], self.logvar[idx], idx
 
 
 class OneStepObjective:
-    """Everything stage 3 computes for a batch of (latent posterior, caption) pairs."""
+    """Everything stage 3 computes for a batch of (latent posterior, caption) pairs.
+
+    The U-Net's output is of the kind ``pipeline.prediction`` says (eps or v): the consistency loss
+    compares it with that target, Min-SNR-gamma weighted as in stage 2 when ``min_snr_gamma`` > 0, and
+    the one-step x0 comes from the matching formula (``NoiseSchedule.eps_and_x0``).
+    """
 
     def __init__(self, pipeline: SpritePipeline, align, captions: list[str], caption_embeddings: torch.Tensor,
-                 cfg: FinetuneStageConfig, *, loss_kind: str, cond_drop_prob: float, device):
+                 cfg: FinetuneStageConfig, *, loss_kind: str, cond_drop_prob: float, device,
+                 min_snr_gamma: float = 0.0):
         self.p, self.align, self.cfg = pipeline, align, cfg
         self.captions, self.caption_emb = captions, caption_embeddings
         self.loss_kind, self.cond_drop_prob, self.device = loss_kind, cond_drop_prob, device
+        self.min_snr_gamma = min_snr_gamma
         self.clip_loss = ClipLoss()
 
     def __call__(self, batch, generator, *, train: bool):
@@ -74,12 +82,13 @@ class OneStepObjective:
         t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), generator=generator).to(device)
         noise = torch.randn(z0.shape, generator=generator).to(device)
         zt = p.schedule.add_noise(z0, noise, t)
-        eps = p.unet(zt, t, context, tok["attention_mask"])
-        consistency = noise_loss(eps, noise, self.loss_kind)
+        out = p.unet(zt, t, context, tok["attention_mask"])  # eps or v
+        consistency = noise_loss(out, p.schedule.target(z0, noise, t, p.prediction), self.loss_kind,
+                                 p.schedule.loss_weight(t, p.prediction, self.min_snr_gamma))
         keep = ~drop
         if not keep.any():
             return consistency.new_zeros(()), consistency, None, idx[keep]
-        x0 = p.schedule.predict_x0(zt, eps, t)
+        _, x0 = p.schedule.eps_and_x0(out, zt, t, p.prediction)
         if p.latent_clamp > 0:
             x0 = x0.clamp(-p.latent_clamp, p.latent_clamp)
         kept_tok = {k: v[keep.to(v.device)] for k, v in tok.items()}
@@ -107,7 +116,8 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
         m.requires_grad_(False).eval()
     pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale,
                               sample=from_dict(SampleConfig, diff.get("sample", {}), "diffusion.sample"),
-                              latent_clamp=diff.get("latent_clamp", 3.0))
+                              latent_clamp=diff.get("latent_clamp", 3.0),
+                              prediction=diff.get("prediction", "eps"))  # older checkpoints: eps
 
     train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
     val_set = SpriteDataset(data_dir, "val", data_cfg)
@@ -118,12 +128,12 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     val_data = CaptionLatents(*encode_latents(vae, val_set, device))
     kind = diff.get("loss", "huber")
     drop = diff.get("cond_drop_prob", 0.0)
+    gamma = diff.get("min_snr_gamma", 0.0)  # older checkpoints: unweighted
     train_obj = OneStepObjective(pipeline, alignment, train_set.captions, train_emb, cfg, loss_kind=kind,
-                                 cond_drop_prob=drop, device=device)
+                                 cond_drop_prob=drop, device=device, min_snr_gamma=gamma)
     val_obj = OneStepObjective(pipeline, alignment, val_set.captions, val_emb, cfg, loss_kind=kind,
-                               cond_drop_prob=drop, device=device)
+                               cond_drop_prob=drop, device=device, min_snr_gamma=gamma)
     bs = cfg.train.batch_size
-    drop_last = len(train_data) > bs
     n_trainable = sum(p.numel() for p in text.parameters() if p.requires_grad)
     log.info("fine-tuning %.2fM text-encoder parameters (top %d layers + projection) against %s",
              n_trainable / 1e6, cfg.train_layers, type(alignment).__name__)
@@ -132,7 +142,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
         text.train()
         alignment_loss, consistency, _, _ = train_obj(batch, g, train=True)
         total = cfg.alignment_weight * alignment_loss + cfg.consistency_weight * consistency
-        return total, {"clip": alignment_loss.item(), "consistency": consistency.item()}
+        return total, {"clip": alignment_loss.detach(), "consistency": consistency.detach()}
 
     @torch.no_grad()
     def validate(epoch):
@@ -140,7 +150,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
         vg = torch.Generator().manual_seed(VAL_SEED)
         clip = cons = 0.0
         embeddings, order = [], []
-        for batch in DataLoader(val_data, batch_size=bs):
+        for batch in (val_data.take(idx) for idx in batch_indices(len(val_data), bs, shuffle=False)):
             a, c, emb, idx = val_obj(batch, vg, train=False)
             clip += a.item() * len(idx)
             cons += c.item() * len(idx)
@@ -163,8 +173,9 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     log.info("finetune before: %s", {k: round(v, 4) for k, v in before.items()})
     stage = Stage(
         name="finetune", model=text, loss=loss, validate=validate, export=export, generator=g,
-        batches=lambda epoch: DataLoader(train_data, batch_size=bs, shuffle=True, generator=g, drop_last=drop_last),
-        steps_per_epoch=len(train_data) // bs if drop_last else 1, config=to_dict(cfg))
+        batches=lambda epoch: (train_data.take(idx) for idx in batch_indices(len(train_data), bs, shuffle=True,
+                                                                             generator=g)),
+        steps_per_epoch=steps_per_epoch(len(train_data), bs), config=to_dict(cfg), device=torch.device(device))
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
 
     # The encoder before fine-tuning competes too: if no epoch beat it, it stays.

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from pokesprite.config import TrainConfig, to_dict
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer
+from pokesprite.train.common import atomic_save, autocast, load_checkpoint, make_optimizer, optimizer_step
 from pokesprite.train.ema import EMA
 from pokesprite.train.stability import StabilityGuard
 
@@ -64,6 +64,11 @@ class Stage:
     ema_decay: float = 0.0  # > 0: keep an EMA of ``model``; validation and export see the EMA weights
     on_epoch_end: Callable[[int, dict], None] | None = None  # e.g. log a sample grid
     config: dict = field(default_factory=dict)  # stage config stored in every checkpoint
+    device: torch.device = torch.device("cpu")  # where the model trains (autocast, the guard's counters)
+    # State that trains beside ``model`` by its own rules (e.g. a discriminator and its optimiser), for
+    # exact resume: saved in every checkpoint's training state and handed back on resume.
+    extra_state: Callable[[], dict] | None = None
+    load_extra_state: Callable[[dict], None] | None = None
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -97,6 +102,33 @@ def epochs_within_budget(cfg: TrainConfig, epoch_seconds: float, done: int) -> i
     return max(done, min(cfg.epochs, int(cfg.max_minutes * 60 // epoch_seconds)))
 
 
+class EpochSums:
+    """Per-epoch sums of the step scalars over the batches that were taken, kept on the device."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.taken = torch.zeros((), device=device)
+        self.norm_sum = torch.zeros((), device=device)
+        self.norm_max = torch.full((), -math.inf, device=device)
+
+    def add(self, scalars: dict, norm: torch.Tensor, ok: torch.Tensor) -> None:
+        okf = ok.float()
+        for k, v in scalars.items():
+            v = torch.as_tensor(v, dtype=torch.float32).detach().to(self.device)
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(ok, v, torch.zeros_like(v))
+        self.taken += okf
+        self.norm_sum += torch.where(ok, norm, torch.zeros_like(norm))
+        self.norm_max = torch.where(ok, torch.maximum(self.norm_max, norm), self.norm_max)
+
+    def means(self) -> dict[str, float]:
+        taken = float(self.taken)
+        out = {f"train_{k}": float(v) / max(taken, 1) for k, v in self.sums.items()}
+        out["grad_norm_mean"] = float(self.norm_sum) / taken if taken else float("nan")
+        out["grad_norm_max"] = float(self.norm_max) if taken else float("nan")
+        return out
+
+
 @dataclass
 class FitResult:
     history: list[dict]
@@ -115,7 +147,7 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
     params = [p for p in stage.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
     sched = make_scheduler(opt, cfg, stage.steps_per_epoch)
-    guard = StabilityGuard(cfg, stage.name)
+    guard = StabilityGuard(cfg, stage.name, stage.device)
     ema = EMA(stage.model, stage.ema_decay) if stage.ema_decay > 0 else None
     history: list[dict] = []
     best, best_epoch, start = math.inf, 0, 1
@@ -134,6 +166,8 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
             ema.load_state_dict(state["ema"])
         history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
         set_rng_state(state["rng"], stage.generator)
+        if stage.load_extra_state is not None and state.get("extra") is not None:
+            stage.load_extra_state(state["extra"])
         start = state["epoch"] + 1
         epochs = state.get("epochs", cfg.epochs)
         log.info("%s: resuming from %s after epoch %d of %d", stage.name, resume, state["epoch"], epochs)
@@ -144,7 +178,8 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
                 "train": {"model": stage.model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "guard": guard.state_dict(),
                           "ema": ema.state_dict() if ema else None, "epoch": epoch, "epochs": epochs,
-                          "history": history, "best": best, "best_epoch": best_epoch, "rng": rng_state(stage.generator)}}
+                          "history": history, "best": best, "best_epoch": best_epoch, "rng": rng_state(stage.generator),
+                          "extra": stage.extra_state() if stage.extra_state is not None else None}}
 
     step = (start - 1) * stage.steps_per_epoch
     bar = progress(None, desc=f"{stage.name} epochs", initial=start - 1, total=epochs)
@@ -153,42 +188,35 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
     while epoch < epochs:
         epoch += 1
         stage.model.train()
-        sums: dict[str, float] = {}
-        norms: list[float] = []
-        taken = 0
+        sums = EpochSums(guard.device)
         skipped_before, explosions_before = guard.skipped, guard.explosions
         for batch in progress(stage.batches(epoch), desc=f"epoch {epoch}", leave=False,
                               total=stage.steps_per_epoch):
-            loss, extra = stage.loss(batch, epoch)
-            if not guard.loss_ok(loss):
-                continue
+            with autocast(stage.device, cfg.precision):
+                loss, extra = stage.loss(batch, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norm, ok = guard.clip(params)
-            if not ok:
-                opt.zero_grad(set_to_none=True)
-                continue
-            opt.step()
+            norm, ok = guard.step(loss, params)
+            optimizer_step(opt, ok)
             sched.step()
             if ema is not None:
-                ema.update(stage.model)
+                ema.update(stage.model, ok)
             step += 1
-            taken += 1
-            norms.append(norm)
-            scalars = {"loss": loss.item(), **extra}
-            for k, v in scalars.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            tracker.log_step({**{f"train/{k}": v for k, v in scalars.items()},
-                              "train/lr": sched.get_last_lr()[0], "train/grad_norm": norm}, step)
+            scalars = {"loss": loss.detach(), **extra}
+            sums.add(scalars, norm, ok)
+            if step % cfg.log_every == 0:  # the only host reads inside the epoch
+                guard.check()
+                tracker.log_step({**{f"train/{k}": float(v) for k, v in scalars.items()},
+                                  "train/lr": sched.get_last_lr()[0], "train/grad_norm": float(norm)}, step)
+        guard.check()
 
-        metrics = {f"train_{k}": v / max(taken, 1) for k, v in sums.items()}
+        metrics = sums.means()
         metrics.update({"lr": sched.get_last_lr()[0],
-                        "grad_norm_mean": float(np.mean(norms)) if norms else float("nan"),
-                        "grad_norm_max": float(np.max(norms)) if norms else float("nan"),
                         "skipped_batches": guard.skipped - skipped_before,
                         "grad_explosions": guard.explosions - explosions_before})
         with ema.averaged(stage.model) if ema is not None else contextlib.nullcontext():
-            metrics.update(stage.validate(epoch))
+            with autocast(stage.device, cfg.precision):
+                metrics.update(stage.validate(epoch))
             if stage.monitor not in metrics:
                 raise KeyError(f"{stage.name}: validation returned no {stage.monitor!r}")
             improved = metrics[stage.monitor] < best

@@ -1,19 +1,20 @@
 """The seed's numerical-stability guard: skip non-finite batches, tame exploding gradients, stop on divergence.
 
-Per batch the trainer asks the guard two questions:
+After each backward pass the trainer calls ``guard.step(loss, params)``, which decides on the device,
+without reading anything back to the host:
 
-1. ``loss_ok(loss)``: is the loss finite? If not the batch is skipped (no backward, no step) and counted.
-2. ``clip(params)``: after backward, what is the gradient norm? A non-finite norm skips the batch as
-   well. A finite norm far above its running mean (``explosion_factor`` times) is an *explosion*: it
-   is counted and clipped to the running mean instead of ``grad_clip``, so one bad batch moves the
+1. A non-finite loss or gradient norm makes the batch *skipped*: the returned ``ok`` flag is false,
+   the optimiser skips its update (fused AdamW's ``found_inf``) and the EMA does not move. It is counted.
+2. A finite norm far above its running mean (``explosion_factor`` times) is an *explosion*: it is
+   counted and clipped to the running mean instead of ``grad_clip``, so one bad batch moves the
    weights no more than a typical one. Otherwise the norm is clipped to ``grad_clip`` as usual.
 
-After ``max_bad_batches`` skipped batches training stops with ``TrainingDiverged``, whose message
-says what to try; a run that keeps producing NaNs is not worth finishing.
+The counts live on the device; ``check()`` reads them (one host sync) every ``train.log_every`` steps
+and at the end of each epoch, and after ``max_bad_batches`` skipped batches stops training with
+``TrainingDiverged``, whose message says what to try: a run that keeps producing NaNs is not worth
+finishing.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -27,53 +28,67 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite batches; raised with a message that says what to change."""
 
 
-class StabilityGuard:
-    def __init__(self, cfg: TrainConfig, stage: str):
-        self.cfg, self.stage = cfg, stage
-        self.skipped = 0  # batches skipped for a non-finite loss or gradient (whole run)
-        self.explosions = 0  # gradient explosions clipped adaptively (whole run)
-        self.mean_norm = 0.0  # running mean of gradient norms
-        self.steps = 0  # finite gradient norms seen
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients, as a 0-d device tensor (inf/NaN if any gradient is)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
 
-    def _skip(self, what: str) -> None:
-        self.skipped += 1
-        if self.cfg.max_bad_batches and self.skipped >= self.cfg.max_bad_batches:
+
+class StabilityGuard:
+    def __init__(self, cfg: TrainConfig, stage: str, device: str | torch.device = "cpu"):
+        self.cfg, self.stage = cfg, stage
+        self.device = torch.device(device)
+        zero = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731
+        self._skipped = zero(torch.long)  # batches skipped for a non-finite loss or gradient (whole run)
+        self._explosions = zero(torch.long)  # gradient explosions clipped adaptively (whole run)
+        self._mean_norm = zero(torch.float32)  # running mean of gradient norms
+        self._steps = zero(torch.long)  # finite, non-exploded gradient norms seen
+
+    @property
+    def skipped(self) -> int:
+        return int(self._skipped)
+
+    @property
+    def explosions(self) -> int:
+        return int(self._explosions)
+
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip gradients in place; returns (pre-clip norm, ok) as 0-d device tensors, no host sync."""
+        norm = grad_norm(params).to(self.device, torch.float32)
+        ok = torch.isfinite(loss.detach()).all().to(self.device) & torch.isfinite(norm)
+        exploded = ok & (self._steps >= WARMUP_STEPS) & (norm > self.cfg.explosion_factor * self._mean_norm)
+        typical = ok & ~exploded
+        limit = torch.where(exploded, self._mean_norm.clamp(max=self.cfg.grad_clip),
+                            torch.full_like(norm, self.cfg.grad_clip))
+        scale = torch.where(ok & (norm > limit), limit / (norm + 1e-6), torch.ones_like(norm))
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
+        running = torch.where(self._steps == 0, norm, MOMENTUM * self._mean_norm + (1 - MOMENTUM) * norm)
+        self._mean_norm = torch.where(typical, running, self._mean_norm)
+        self._steps += typical
+        self._skipped += ~ok
+        self._explosions += exploded
+        return norm, ok
+
+    def check(self) -> None:
+        """Read the skip count (a host sync) and stop if it has reached ``max_bad_batches``."""
+        skipped = self.skipped
+        if self.cfg.max_bad_batches and skipped >= self.cfg.max_bad_batches:
             raise TrainingDiverged(
-                f"{self.stage}: stopped after {self.skipped} batches with a non-finite {what} "
+                f"{self.stage}: stopped after {skipped} batches with a non-finite loss or gradient "
                 f"(train.max_bad_batches={self.cfg.max_bad_batches}). Lower {self.stage}.train.lr "
                 f"(now {self.cfg.lr:g}) or {self.stage}.train.grad_clip, or check the data; resume from "
                 "the last good checkpoint with --resume.")
 
-    def loss_ok(self, loss: torch.Tensor) -> bool:
-        if torch.isfinite(loss).all():
-            return True
-        self._skip("loss")
-        return False
-
-    def clip(self, params: list[torch.nn.Parameter]) -> tuple[float, bool]:
-        """Clip gradients in place; returns (pre-clip norm, whether to take the optimiser step)."""
-        norm = float(torch.nn.utils.clip_grad_norm_(params, math.inf))  # measure only
-        if not math.isfinite(norm):
-            self._skip("gradient")
-            return norm, False
-        limit = self.cfg.grad_clip
-        if self.steps >= WARMUP_STEPS and norm > self.cfg.explosion_factor * self.mean_norm:
-            self.explosions += 1
-            limit = min(limit, self.mean_norm)
-        else:
-            self.mean_norm = norm if self.steps == 0 else MOMENTUM * self.mean_norm + (1 - MOMENTUM) * norm
-            self.steps += 1
-        if norm > limit:
-            scale = limit / (norm + 1e-6)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm, True
-
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "explosions": self.explosions, "mean_norm": self.mean_norm,
-                "steps": self.steps}
+        return {"skipped": self.skipped, "explosions": self.explosions, "mean_norm": float(self._mean_norm),
+                "steps": int(self._steps)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.skipped, self.explosions = state["skipped"], state["explosions"]
-        self.mean_norm, self.steps = state["mean_norm"], state["steps"]
+        for name, dtype in (("skipped", torch.long), ("explosions", torch.long), ("mean_norm", torch.float32),
+                            ("steps", torch.long)):
+            setattr(self, f"_{name}", torch.tensor(state[name], dtype=dtype, device=self.device))

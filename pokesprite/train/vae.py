@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
 from pokesprite.config import DataConfig, TextConfig, VAEConfig, VAEStageConfig, from_dict, to_dict
-from pokesprite.data.dataset import SpriteDataset, to_uint8
+from pokesprite.data.augment import augment_batch
+from pokesprite.data.dataset import SpriteDataset, to_unit_range, to_uint8
 from pokesprite.images import image_grid
 from pokesprite.losses import PerceptualLoss, kl_free_bits, kl_weight_at
+from pokesprite.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from pokesprite.models.vae import VAE, kl_divergence
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import atomic_save, load_checkpoint, seed_everything
+from pokesprite.train.batches import batch_indices, steps_per_epoch
+from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, optimizer_step, seed_everything
 from pokesprite.train.loop import Stage, fit
 
 log = logging.getLogger(__name__)
@@ -57,29 +58,35 @@ def no_context(index):
     return None, None
 
 
+def in_batches(images: torch.Tensor, batch_size: int):
+    """(index, float images in [-1, 1]) batches, in order, of a uint8 (N, 3, S, S) split on any device."""
+    for idx in batch_indices(len(images), batch_size, shuffle=False, device=images.device):
+        yield idx, to_unit_range(images[idx])
+
+
 @torch.no_grad()
-def latent_std(vae: VAE, dataset: SpriteDataset, device, batch_size: int) -> float:
-    """Standard deviation of the posterior means over ``dataset``: 1/std makes latents ~unit variance."""
-    means = [vae.encode(x.to(device))[0].cpu() for x, _ in DataLoader(dataset, batch_size=batch_size)]
+def latent_std(vae: VAE, images: torch.Tensor, batch_size: int) -> float:
+    """Standard deviation of the posterior means over ``images``: 1/std makes latents ~unit variance."""
+    means = [vae.encode(x)[0].float() for _, x in in_batches(images, batch_size)]
     return float(torch.cat(means).std())
 
 
 @torch.no_grad()
-def evaluate(vae: VAE, loader: DataLoader, device, context=no_context, perceptual=None) -> dict[str, float]:
-    """Deterministic (posterior-mean) reconstruction error on a held-out split."""
+def evaluate(vae: VAE, images: torch.Tensor, batch_size: int, context=no_context,
+             perceptual=None) -> dict[str, float]:
+    """Deterministic (posterior-mean) reconstruction error on a held-out split (uint8, on the device)."""
     vae.eval()
-    l1 = mse = kl = perc = 0.0
-    n = 0
-    for x, idx in loader:
-        x = x.to(device)
+    sums = torch.zeros(4, device=images.device)  # l1, squared error, kl, perceptual (summed; one host read)
+    n = len(images)
+    for idx, x in in_batches(images, batch_size):
         mean, logvar = vae.encode(x)
-        recon = vae.decode(mean, *context(idx)).clamp(-1, 1)
-        l1 += F.l1_loss(recon, x, reduction="sum").item()
-        mse += F.mse_loss(recon, x, reduction="sum").item()
-        kl += kl_divergence(mean, logvar).item() * len(x)
+        recon = vae.decode(mean, *context(idx)).float().clamp(-1, 1)
+        sums[0] += F.l1_loss(recon, x, reduction="sum")
+        sums[1] += F.mse_loss(recon, x, reduction="sum")
+        sums[2] += kl_divergence(mean.float(), logvar.float()) * len(x)
         if perceptual is not None:
-            perc += perceptual(recon, x).item() * len(x)
-        n += len(x)
+            sums[3] += perceptual(recon, x).float() * len(x)
+    l1, mse, kl, perc = sums.tolist()
     pixels = n * 3 * vae.cfg.image_size ** 2
     mse /= pixels
     psnr = 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")  # signal range [-1, 1] has peak 2
@@ -107,11 +114,13 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
     g = seed_everything(seed)
-    train_set = SpriteDataset(data_dir, "train", data_cfg, augment=True, limit=cfg.train.max_train_items)
+    train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
     val_set = SpriteDataset(data_dir, "val", data_cfg)
     bs = cfg.train.batch_size
-    drop_last = len(train_set) > bs
-    val_loader = DataLoader(val_set, batch_size=bs)
+    # Both splits stay on the device as uint8 (718 sprites at 215 px are 100 MB); batches are indexed
+    # and augmented there.
+    train_images, val_images = train_set.images.to(device), val_set.images.to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
     train_ctx = val_ctx = no_context
     context_dim = 0
@@ -122,7 +131,9 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
         val_ctx = CaptionFeatures(text_cfg, val_set.captions, device)
         context_dim = train_ctx.dim
 
-    vae = VAE(cfg.model, context_dim=context_dim).to(device)
+    vae = VAE(cfg.model, context_dim=context_dim).to(device, memory_format=memory_format)
+    if cfg.train.compile:
+        vae.compile()  # in place: the state dict keeps its names
     w = cfg.loss
     perceptual = PerceptualLoss(w.perceptual_net, size=w.perceptual_size).to(device) \
         if w.perceptual_weight > 0 else None
@@ -130,23 +141,45 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
              sum(p.numel() for p in vae.parameters()) / 1e6, len(train_set), len(val_set),
              perceptual.vgg.name if perceptual is not None else "off")
 
-    def loss(batch, epoch):
-        x, idx = batch
-        x = x.to(device)
+    dcfg = cfg.discriminator
+    disc = d_opt = None
+    if dcfg.weight > 0:
+        disc = PatchDiscriminator(dcfg).to(device, memory_format=memory_format)
+        d_opt = make_optimizer(disc.parameters(), dcfg.lr, cfg.train.weight_decay)
+
+    def adversarial(x, recon, rec_loss):
+        """One discriminator step on (x, recon), then the decoder's adaptively weighted hinge loss."""
+        d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizer_step(d_opt, torch.isfinite(d_loss))  # a non-finite batch leaves the discriminator as it was
+        g_loss = hinge_g_loss(disc(recon)).float()
+        weight = adaptive_weight(rec_loss, g_loss, vae.decoder.conv_out.weight)
+        return dcfg.weight * weight * g_loss, {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
+                                               "adaptive_weight": weight}
+
+    def loss(idx, epoch):
+        x = augment_batch(train_images[idx], data_cfg.augment, data_cfg.background)
+        x = x.contiguous(memory_format=memory_format)
         recon, mean, logvar = vae(x, None, *train_ctx(idx))
-        l1 = F.l1_loss(recon, x)
-        kl = kl_free_bits(mean, logvar, w.free_bits)
+        l1 = F.l1_loss(recon.float(), x)
+        kl = kl_free_bits(mean.float(), logvar.float(), w.free_bits)
         kl_weight = kl_weight_at(epoch - 1, w.kl_weight, w.kl_anneal_epochs)
-        total = w.l1_weight * l1 + kl_weight * kl
-        extra = {"l1": l1.item(), "kl": kl.item(), "kl_weight": kl_weight}
+        rec = w.l1_weight * l1
+        extra = {"l1": l1.detach(), "kl": kl.detach(), "kl_weight": kl_weight}
         if perceptual is not None:
-            p = perceptual(recon, x)
-            total = total + w.perceptual_weight * p
-            extra["perceptual"] = p.item()
+            p = perceptual(recon, x).float()
+            rec = rec + w.perceptual_weight * p
+            extra["perceptual"] = p.detach()
+        total = rec + kl_weight * kl
+        if disc is not None and epoch >= dcfg.start_epoch:
+            adv, adv_extra = adversarial(x, recon, rec)
+            total = total + adv
+            extra.update(adv_extra)
         return total, extra
 
     def validate(epoch):
-        m = evaluate(vae, val_loader, device, val_ctx, perceptual)
+        m = evaluate(vae, val_images, bs, val_ctx, perceptual)
         # Reconstruction objective only: the KL weight changes with the epoch, so it would not compare.
         m["val_loss"] = w.l1_weight * m["val_l1"] + w.perceptual_weight * m.get("val_perceptual", 0.0)
         return m
@@ -161,16 +194,19 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
 
     stage = Stage(
         name="vae", model=vae, loss=loss, validate=validate, export=export, generator=g,
-        batches=lambda epoch: DataLoader(train_set, batch_size=bs, shuffle=True, generator=g, drop_last=drop_last),
-        steps_per_epoch=len(train_set) // bs if drop_last else 1, on_epoch_end=on_epoch_end,
-        config={**to_dict(cfg), "text": to_dict(text_cfg) if text_cfg else None})
+        batches=lambda epoch: batch_indices(len(train_images), bs, shuffle=True, generator=g, device=device),
+        steps_per_epoch=steps_per_epoch(len(train_images), bs), on_epoch_end=on_epoch_end,
+        config={**to_dict(cfg), "text": to_dict(text_cfg) if text_cfg else None}, device=torch.device(device),
+        extra_state=(lambda: {"disc": disc.state_dict(), "d_opt": d_opt.state_dict()}) if disc else None,
+        load_extra_state=(lambda st: (disc.load_state_dict(st["disc"]), d_opt.load_state_dict(st["d_opt"])))
+        if disc else None)
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
 
     # The best weights (by validation loss) become the stage's output, with the latent scale the
     # diffusion stage multiplies latents by so that they have roughly unit variance.
     best = load_checkpoint(out_dir / "best.pt", "vae")
     vae.load_state_dict(best["state_dict"])
-    scale = 1.0 / latent_std(vae, train_set, device, bs)
+    scale = 1.0 / latent_std(vae, train_images, bs)
     best["latent_scale"] = scale
     atomic_save(best, out_dir / "best.pt")
     grid = reconstruction_grid(vae, val_set, device, val_ctx)
