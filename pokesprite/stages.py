@@ -280,8 +280,9 @@ def run_reference(params: Params, *, root: str | Path = ".", out: str | Path | N
 
 def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
                  tags: dict | None = None, device=None) -> dict:
-    """Measure the combined model, log its sample grid, register it and decide champion or challenger."""
+    """Measure the combined model, log its pictures, register it and decide champion or challenger."""
     from pokesprite.evaluation.evaluate import evaluate
+    from pokesprite.evaluation.guidance_curve import CSV_FILE, write_curve_csv
     from pokesprite.images import save_image_atomic
     from pokesprite.losses import PerceptualLoss
     from pokesprite.pipeline import SpritePipeline
@@ -292,14 +293,21 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
     with stage_run("evaluate", params, ("seed", "evaluate", "mlflow"), layout, tags) as (tracker, run):
         pipeline = SpritePipeline.load(layout.model_dir, device=dev)
         before_text = load_diffusion(layout.diffusion_checkpoint, dev)[1]
-        metrics, grid = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
-                                 processed_dir=layout.processed, reference_dir=layout.reference_dir,
-                                 data_cfg=params.data, cfg=params.evaluate,
-                                 perceptual=PerceptualLoss(net="auto", size=params.evaluate.perceptual_size).to(dev))
+        result = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
+                          processed_dir=layout.processed, reference_dir=layout.reference_dir,
+                          data_cfg=params.data, cfg=params.evaluate,
+                          perceptual=PerceptualLoss(net="auto", size=params.evaluate.perceptual_size).to(dev))
+        metrics = result.metrics
         layout.evaluate_dir.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(grid, layout.evaluate_dir / "sample_grid.png")
-        save_image_atomic(grid, layout.plots / "sample_grid.png")
-        tracker.log_image(grid, "sample_grid.png")  # the same name in every run: compare runs side by side
+        # sample_grid.png, memorisation.png and (with guidance_scales) guidance_curve.png, under the same
+        # names in every run: compare runs side by side
+        for name, image in result.images.items():
+            save_image_atomic(image, layout.evaluate_dir / name)
+            tracker.log_image(image, name)
+        save_image_atomic(result.images["sample_grid.png"], layout.plots / "sample_grid.png")
+        if result.guidance_curve:
+            write_curve_csv(result.guidance_curve, layout.evaluate_dir / CSV_FILE)
+            tracker.log_artifact(layout.evaluate_dir / CSV_FILE)
         if run is not None:
             from pokesprite.lineage import lineage_tags
             from pokesprite.registry import register_evaluated

@@ -184,3 +184,46 @@ def test_promotion_rule():
     assert not worse_text and "text alignment" in why
     assert beats({"kid": 0.5, "independent_r_precision": 0.0}, None, alignment_tolerance=0.02)[0]
     assert beats({"kid": 0.5, "independent_r_precision": 0.0}, {}, alignment_tolerance=0.02)[0]  # unevaluated
+
+
+# ---------------------------------------------------------------- the few-shot GAN protocol (fid_all)
+
+def test_cycled_rows_go_through_every_caption_in_pokedex_order_then_repeat():
+    from pokesprite.evaluation.fid_all import cycled_rows
+
+    rows = [{"number": n, "caption": f"c{n}", "split": s} for n, s in [(3, "val"), (1, "train"), (2, "test")]]
+    drawn = cycled_rows(rows, 7)
+    assert [r["caption"] for r in drawn] == ["c1", "c2", "c3", "c1", "c2", "c3", "c1"]
+    assert [r["caption"] for r in cycled_rows(rows, 2)] == ["c1", "c2"]
+    assert cycled_rows(rows, 0) == []
+    with pytest.raises(ValueError, match="no captions"):
+        cycled_rows([], 1)
+
+
+def test_fid_all_reports_fid_and_kid_against_every_real_feature():
+    from pokesprite.evaluation.fid_all import fid_all
+
+    real = features(n=300)
+    shift = torch.full((real.shape[1],), 0.5, dtype=torch.float64)
+    out = fid_all(real + shift, real, subsets=5, subset_size=50, seed=0)
+    assert set(out) == {"fid_all_generated_sprites", "fid_all", "kid_all", "kid_all_std"}
+    assert out["fid_all_generated_sprites"] == 300
+    assert out["fid_all"] == pytest.approx(float(shift.square().sum()), rel=1e-6)  # same covariance: |shift|^2
+    assert (out["kid_all"], out["kid_all_std"]) == kernel_inception_distance(real + shift, real, subsets=5,
+                                                                             subset_size=50, seed=0)
+
+
+def test_evaluate_config_new_keys_default_off_and_name_the_key():
+    from pokesprite.config import ConfigError, EvaluateConfig, from_dict
+
+    cfg = EvaluateConfig()
+    assert (cfg.fid_samples, cfg.copy_percentile, cfg.guidance_scales) == (0, 1.0, ())
+    loaded = from_dict(EvaluateConfig, {"fid_samples": 5000, "guidance_scales": [1, 2, 3.5]}, "evaluate")
+    assert loaded.fid_samples == 5000 and loaded.guidance_scales == (1.0, 2.0, 3.5)
+    for bad, key in [({"fid_samples": -1}, "evaluate.fid_samples"), ({"copy_percentile": 101}, "evaluate.copy_percentile"),
+                     ({"guidance_scales": [1, 1]}, "evaluate.guidance_scales"),
+                     ({"guidance_scales": [-2]}, "evaluate.guidance_scales"),
+                     ({"guidance_scales": ["x"]}, "evaluate.guidance_scales"),
+                     ({"fid_sample": 10}, "evaluate.fid_samples")]:  # a typo: "did you mean"
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            from_dict(EvaluateConfig, bad, "evaluate")

@@ -11,27 +11,49 @@
 - text alignment: R-precision among ``candidates`` captions with the stage-3 scorer and with the
   independent scorer, after stage 3 and before it (stage-2 text encoder), with real sprites as the
   ceiling;
-- text sensitivity and the sample grid: fixed prompts x fixed seeds.
+- text sensitivity and the sample grid: fixed prompts x fixed seeds;
+- ``fid_all`` / ``kid_all`` (``fid_all.py``, when ``fid_samples`` > 0): that many sprites, captions of
+  every split cycled, against every real sprite;
+- memorisation (``memorisation.py``): the share of generated sprites (the ``fid_samples`` set when
+  drawn, else the held-out set) nearer to a training sprite than the real held-out sprites are, and
+  the picture of the closest pairs;
+- the guidance curve (``guidance_curve.py``, when ``guidance_scales`` is set): KID and independent
+  R-precision of the held-out set at each guidance scale.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pokesprite.config import DataConfig, EvaluateConfig
 from pokesprite.data.dataset import SpriteDataset, read_index, to_uint8, to_unit_range
+from pokesprite.evaluation import guidance_curve as curve
+from pokesprite.evaluation.drawing import draw, sample
 from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distance
-from pokesprite.evaluation.grid import labelled_grid
+from pokesprite.evaluation.fid_all import cycled_rows, fid_all
+from pokesprite.evaluation.grid import labelled_grid, pairs_grid
 from pokesprite.evaluation.image_metrics import psnr, ssim
 from pokesprite.evaluation.inception import inception_features, load_inception
+from pokesprite.evaluation.memorisation import closest, copy_threshold, memorisation_rate, nearest_neighbours
 from pokesprite.evaluation.reference import EVAL_SPLITS, load_reference, r_precision_at
 from pokesprite.evaluation.sensitivity import text_sensitivity
 from pokesprite.models.alignment import similarity_matrix
 
 log = logging.getLogger(__name__)
+MEMORISATION_PAIRS = 8  # rows of memorisation.png: the closest (generated, nearest training sprite) pairs
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` measured and drew."""
+    metrics: dict[str, float]
+    images: dict[str, Image.Image]  # file name -> picture: sample_grid.png, memorisation.png, guidance_curve.png
+    guidance_curve: list[dict] = field(default_factory=list)  # one {scale, kid, kid_std, r_precision} per scale
 
 @torch.no_grad()
 def reconstruct(pipeline, images: torch.Tensor, captions: list[str], batch_size: int) -> torch.Tensor:
@@ -46,22 +68,6 @@ def reconstruct(pipeline, images: torch.Tensor, captions: list[str], batch_size:
     return torch.cat(out)
 
 
-def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig) -> np.ndarray:
-    """The pipeline's sprites with the evaluation's sampler settings (empty / 0 = the model's own)."""
-    return pipeline(prompts, seed=seed, num_steps=cfg.steps or None, sampler=cfg.sampler or None)
-
-
-def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str) -> torch.Tensor:
-    """One sprite per prompt, batch b drawn with seed ``cfg.seed + b``: uint8 (N, 3, H, W)."""
-    from pokesprite.train.loop import progress
-
-    out = []
-    starts = range(0, len(prompts), cfg.batch_size)
-    for b, i in enumerate(progress(starts, desc=desc, leave=False)):
-        out.append(torch.from_numpy(sample(pipeline, prompts[i:i + cfg.batch_size], cfg.seed + b, cfg)))
-    return torch.cat(out).permute(0, 3, 1, 2).contiguous()
-
-
 def _alignment(images: torch.Tensor, feats: torch.Tensor, captions: list[str], alignment, scorer,
                cfg: EvaluateConfig, suffix: str) -> dict:
     sim = similarity_matrix(alignment, to_unit_range(images).to(alignment.device), captions)
@@ -69,9 +75,61 @@ def _alignment(images: torch.Tensor, feats: torch.Tensor, captions: list[str], a
             f"independent_r_precision{suffix}": r_precision_at(scorer.similarity(feats, captions), cfg)}
 
 
+def memorisation_report(gen_images: torch.Tensor, gen_feats: torch.Tensor, gen_numbers: list[int], ref: dict,
+                        real_images: SpriteDataset, cfg: EvaluateConfig) -> tuple[dict, Image.Image]:
+    """Memorisation metrics of the generated set and the picture of its closest training pairs.
+
+    ``gen_numbers``: the Pokedex number each sprite was drawn for (its caption's). Distances are
+    cosine distances of Inception pool features (``memorisation.py``).
+    """
+    splits = np.asarray(ref["splits"])
+    train = np.flatnonzero(splits == "train")
+    held = np.flatnonzero(np.isin(splits, EVAL_SPLITS))
+    bank = ref["features"][train]
+    threshold = copy_threshold(ref["features"][held], bank, cfg.copy_percentile)
+    dist, index = nearest_neighbours(gen_feats, bank)
+    real_dist, _ = nearest_neighbours(ref["features"][held], bank)
+    metrics = {"memorisation_sprites": len(dist), "memorisation_threshold": threshold,
+               "memorisation_rate": memorisation_rate(dist, threshold),
+               "memorisation_distance_median": float(dist.median()),
+               "memorisation_distance_median_real": float(real_dist.median())}
+
+    position = {r["number"]: i for i, r in enumerate(real_images.rows)}
+    top = closest(dist, MEMORISATION_PAIRS).tolist()
+    d, nearest = dist.tolist(), [ref["numbers"][train[i]] for i in index[top].tolist()]
+    labels = [f"cosine distance {d[k]:.4f} {'<=' if d[k] <= threshold else '>'} {threshold:.4f}"
+              f"{' NEAR COPY' if d[k] <= threshold else ''} | drawn for #{gen_numbers[k]}, nearest training "
+              f"sprite #{n}" for k, n in zip(top, nearest)]
+    left = gen_images[top].permute(0, 2, 3, 1).numpy()
+    right = torch.stack([real_images.images[position[n]] for n in nearest]).permute(0, 2, 3, 1).numpy()
+    return metrics, pairs_grid(left, right, labels, ("generated", "nearest training sprite"))
+
+
+def guidance_curve_points(pipeline, captions: list[str], held_feats: torch.Tensor, inception,
+                          real_feats: torch.Tensor, scorer, cfg: EvaluateConfig) -> list[dict]:
+    """One {scale, kid, kid_std, r_precision} per ``cfg.guidance_scales``, in that order.
+
+    ``held_feats``: the held-out set drawn at the model's own scale, reused when a scale equals it.
+    """
+    points = []
+    for scale in cfg.guidance_scales:
+        if scale == pipeline.sample.guidance_scale:
+            feats = held_feats
+        else:
+            images = draw(pipeline, captions, cfg, f"evaluate: guidance {scale:g}", guidance_scale=scale)
+            feats = inception_features(inception, images, device=pipeline.device)
+        kid, kid_std = kernel_inception_distance(feats, real_feats, subsets=cfg.kid_subsets,
+                                                 subset_size=cfg.kid_subset_size, seed=cfg.seed)
+        points.append({"scale": scale, "kid": kid, "kid_std": kid_std,
+                       "r_precision": r_precision_at(scorer.similarity(feats, captions), cfg)})
+        log.info("evaluate: guidance %g: KID %.4f +- %.4f, independent R-precision %.3f", scale, kid, kid_std,
+                 points[-1]["r_precision"])
+    return points
+
+
 def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference_dir: Path,
-             data_cfg: DataConfig, cfg: EvaluateConfig, perceptual) -> tuple[dict, "PIL.Image.Image"]:
-    """Every metric of one pipeline (see the module docstring) and its sample grid.
+             data_cfg: DataConfig, cfg: EvaluateConfig, perceptual) -> Evaluation:
+    """Every metric of one pipeline (see the module docstring), its sample grid and other pictures.
 
     ``before_text``: the stage-2 text encoder (for the before-stage-3 alignment numbers), or None.
     ``perceptual``: a ``PerceptualLoss`` on the pipeline's device (VGG distance).
@@ -133,4 +191,24 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
         return perceptual.distance(a.to(device), b.to(device)).cpu()
 
     metrics.update(text_sensitivity(tiles, vgg))
-    return metrics, labelled_grid(grid, prompts, seeds)
+    images = {"sample_grid.png": labelled_grid(grid, prompts, seeds)}
+
+    # Many sprites (captions of every split cycled) against every real sprite; these, when drawn, are
+    # also the set checked for memorisation (uint8 in memory: 139 kB a sprite, 0.7 GB for 5000).
+    mem_images, mem_feats, mem_numbers = generated, gen_feats, [r["number"] for r in held]
+    if cfg.fid_samples:
+        many = cycled_rows(rows, cfg.fid_samples)
+        mem_images = draw(pipeline, [r["caption"] for r in many], cfg, "evaluate: drawing for fid_all")
+        mem_feats = inception_features(inception, mem_images, device=device)
+        mem_numbers = [r["number"] for r in many]
+        metrics.update(fid_all(mem_feats, real_feats, subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size,
+                               seed=cfg.seed))
+    mem_metrics, images["memorisation.png"] = memorisation_report(mem_images, mem_feats, mem_numbers, ref,
+                                                                  real_images, cfg)
+    metrics.update(mem_metrics)
+
+    points = guidance_curve_points(pipeline, captions, gen_feats, inception, real_feats, scorer, cfg)
+    if points:
+        metrics.update(curve.curve_metrics(points))
+        images[curve.IMAGE_FILE] = curve.curve_image(points)
+    return Evaluation(metrics, images, points)

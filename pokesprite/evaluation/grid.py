@@ -1,4 +1,8 @@
-"""The sample grid: one row per prompt (its text above it), one column per seed."""
+"""Labelled sprite grids: rows headed by a text, columns by a header.
+
+The sample grid has one row per prompt and one column per seed; the memorisation picture has one row
+per (generated, nearest training sprite) pair, headed by their distance.
+"""
 from __future__ import annotations
 
 import textwrap
@@ -15,8 +19,10 @@ def _ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
 
 
-def labelled_grid(images: np.ndarray, prompts: list[str], seeds: list[int], *, cell: int = 160) -> Image.Image:
-    """``images``: (P, S, H, W, 3) uint8 -> one picture; each row is headed by (the start of) its prompt."""
+def labelled_grid(images: np.ndarray, prompts: list[str], seeds: list[int], *, cell: int = 160,
+                  headers: list[str] | None = None) -> Image.Image:
+    """``images``: (P, S, H, W, 3) uint8 -> one picture; each row is headed by (the start of) its prompt,
+    each column by ``headers`` (default: "seed <s>")."""
     p, s = images.shape[:2]
     if p != len(prompts) or s != len(seeds):
         raise ValueError(f"grid of {p} x {s} sprites for {len(prompts)} prompts and {len(seeds)} seeds")
@@ -27,8 +33,10 @@ def labelled_grid(images: np.ndarray, prompts: list[str], seeds: list[int], *, c
     width = s * cell
     out = Image.new("RGB", (width, header_h + p * (label_h + cell)), "white")
     draw = ImageDraw.Draw(out)
-    for j, seed in enumerate(seeds):
-        draw.text((j * cell + 4, 3), f"seed {seed}", fill="black", font=font)
+    if headers is not None and len(headers) != s:
+        raise ValueError(f"{len(headers)} column headers for {s} columns")
+    for j, header in enumerate(headers if headers is not None else [f"seed {seed}" for seed in seeds]):
+        draw.text((j * cell + 4, 3), _ascii(header), fill="black", font=font)
     chars = max(20, width // 6)
     for i, prompt in enumerate(prompts):
         top = header_h + i * (label_h + cell)
@@ -42,3 +50,11 @@ def labelled_grid(images: np.ndarray, prompts: list[str], seeds: list[int], *, c
             tile = Image.fromarray(images[i, j]).resize((cell, cell), Image.BICUBIC)
             out.paste(tile, (j * cell, top + label_h))
     return out
+
+
+def pairs_grid(left: np.ndarray, right: np.ndarray, labels: list[str], headers: tuple[str, str], *,
+               cell: int = 160) -> Image.Image:
+    """Sprite pairs side by side: ``left``, ``right`` (K, H, W, 3) uint8, one row per pair headed by its label."""
+    if left.shape != right.shape or len(left) != len(labels):
+        raise ValueError(f"{len(left)} and {len(right)} sprites for {len(labels)} pair labels")
+    return labelled_grid(np.stack([left, right], axis=1), labels, [0, 1], cell=cell, headers=list(headers))

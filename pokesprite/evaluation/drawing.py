@@ -1,0 +1,27 @@
+"""How the evaluation draws sprites: the pipeline with the evaluation's sampler settings, seeded per batch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pokesprite.config import EvaluateConfig
+
+
+def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig, *,
+           guidance_scale: float | None = None) -> np.ndarray:
+    """The pipeline's sprites with the evaluation's sampler settings (empty / 0 / None = the model's own)."""
+    return pipeline(prompts, seed=seed, num_steps=cfg.steps or None, sampler=cfg.sampler or None,
+                    guidance_scale=guidance_scale)
+
+
+def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str, *,
+         guidance_scale: float | None = None) -> torch.Tensor:
+    """One sprite per prompt, batch b drawn with seed ``cfg.seed + b``: uint8 (N, 3, H, W)."""
+    from pokesprite.train.loop import progress
+
+    out = []
+    starts = range(0, len(prompts), cfg.batch_size)
+    for b, i in enumerate(progress(starts, desc=desc, leave=False)):
+        batch = sample(pipeline, prompts[i:i + cfg.batch_size], cfg.seed + b, cfg, guidance_scale=guidance_scale)
+        out.append(torch.from_numpy(batch))
+    return torch.cat(out).permute(0, 3, 1, 2).contiguous()
