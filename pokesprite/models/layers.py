@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -61,6 +62,93 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def mha_to_attention(state_dict: dict, prefix: str) -> None:
+    """Rename, in place, the weights of an ``nn.MultiheadAttention`` stored under ``prefix`` to the
+    names ``Attention`` uses, so checkpoints written before it load unchanged.
+
+    MHA keeps q, k, v as one stacked ``in_proj_weight`` (3 dim, dim) when kdim == dim, else as
+    ``q_proj_weight`` (dim, dim), ``k_proj_weight`` and ``v_proj_weight`` (dim, kdim); the biases are
+    always one stacked ``in_proj_bias`` (3 dim,); the output layer is ``out_proj``.
+    """
+    if prefix + "in_proj_weight" in state_dict:
+        for name, w in zip("qkv", state_dict.pop(prefix + "in_proj_weight").chunk(3)):
+            state_dict[f"{prefix}{name}.weight"] = w
+    for name in "qkv":
+        if f"{prefix}{name}_proj_weight" in state_dict:
+            state_dict[f"{prefix}{name}.weight"] = state_dict.pop(f"{prefix}{name}_proj_weight")
+    if prefix + "in_proj_bias" in state_dict:
+        for name, b in zip("qkv", state_dict.pop(prefix + "in_proj_bias").chunk(3)):
+            state_dict[f"{prefix}{name}.bias"] = b
+    for kind in ("weight", "bias"):
+        if f"{prefix}out_proj.{kind}" in state_dict:
+            state_dict[f"{prefix}out.{kind}"] = state_dict.pop(f"{prefix}out_proj.{kind}")
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (Vaswani et al. 2017, sec. 3.2) computed by
+    ``F.scaled_dot_product_attention``, which runs a fused kernel (flash, memory-efficient) where it can.
+
+    x: (B, N, dim) queries; context: (B, L, kdim) keys and values (x itself when None);
+    mask: (B, L), True where a key is a real token. A row whose keys are all masked attends to
+    nothing: its attention output is zero, so the layer returns ``out.bias`` there and never NaN,
+    as ``nn.MultiheadAttention`` does.
+
+    It computes what ``nn.MultiheadAttention(dim, heads, kdim=kdim, vdim=kdim, batch_first=True)``
+    does, is initialised like it from the same random numbers, and loads its state dicts.
+    """
+
+    def __init__(self, dim: int, heads: int, *, kdim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.kdim = kdim or dim
+        # Built uninitialised; reset_parameters draws what nn.MultiheadAttention would.
+        self.q = skip_init(nn.Linear, dim, dim)
+        self.k = skip_init(nn.Linear, self.kdim, dim)
+        self.v = skip_init(nn.Linear, self.kdim, dim)
+        self.out = skip_init(nn.Linear, dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.MultiheadAttention's initialisation, in its order: out_proj as a default nn.Linear, then
+        xavier-uniform q, k, v (one stacked (3 dim, dim) matrix when kdim == dim), then zero biases."""
+        self.out.reset_parameters()
+        dim = self.q.out_features
+        if self.kdim == dim:
+            bound = math.sqrt(6.0 / (dim + 3 * dim))  # xavier bound of the stacked matrix, drawn row by row
+            for lin in (self.q, self.k, self.v):
+                nn.init.uniform_(lin.weight, -bound, bound)
+        else:
+            for lin in (self.q, self.k, self.v):
+                nn.init.xavier_uniform_(lin.weight)
+        for lin in (self.q, self.k, self.v, self.out):
+            nn.init.zeros_(lin.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        mha_to_attention(state_dict, prefix)  # checkpoints of the nn.MultiheadAttention era
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+
+        def heads(t):  # (B, S, dim) -> (B, heads, S, dim / heads)
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(context)), heads(self.v(context))
+        attn_mask = has_key = None
+        if mask is not None:
+            mask = mask.bool()
+            has_key = mask.any(-1)  # (B,)
+            # A keyless row attends to every key (no -inf-only softmax), then its output is zeroed below.
+            attn_mask = (mask | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, L), broadcast over heads, queries
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, dim / heads)
+        if has_key is not None:
+            h = h * has_key.to(h.dtype)[:, None, None, None]
+        return self.out(h.transpose(1, 2).flatten(2))  # (B, N, dim)
+
+
 class CrossAttentionBlock(nn.Module):
     """Self-attention over pixels, then cross-attention from pixels to text tokens, then an MLP.
 
@@ -72,8 +160,8 @@ class CrossAttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(groups, c)
         self.proj_in = nn.Linear(c, c)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
-        self.self_attn = nn.MultiheadAttention(c, heads, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(c, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.self_attn = Attention(c, heads)
+        self.cross_attn = Attention(c, heads, kdim=context_dim)
         self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
         self.proj_out = nn.Linear(c, c)
         nn.init.zeros_(self.proj_out.weight)  # the block starts as the identity
@@ -82,10 +170,7 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x, context, context_mask=None):
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
-        q = self.ln1(tokens)
-        tokens = tokens + self.self_attn(q, q, q, need_weights=False)[0]
-        pad = None if context_mask is None else ~context_mask.bool()
-        tokens = tokens + self.cross_attn(self.ln2(tokens), context, context, key_padding_mask=pad,
-                                          need_weights=False)[0]
+        tokens = tokens + self.self_attn(self.ln1(tokens))
+        tokens = tokens + self.cross_attn(self.ln2(tokens), context, context_mask)
         tokens = tokens + self.mlp(self.ln3(tokens))
         return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
