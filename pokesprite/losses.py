@@ -22,15 +22,16 @@ class PerceptualLoss(nn.Module):
     Euclidean distance (0..4), averaged over positions and batch, then over blocks.
     """
 
-    def __init__(self, net: str = "auto", size: int = 112, blocks: int = 3):
+    def __init__(self, net: str = "auto", size: int = 112, blocks: int = 3, vgg: nn.Module | None = None):
         super().__init__()
-        self.vgg = load_vgg(net)
+        self.vgg = vgg if vgg is not None else load_vgg(net)  # ``vgg``: a ready feature network instead
         self.size = size
         self.blocks = blocks
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+            # float32: the antialiased resize has no bfloat16 kernel on the CPU (autocast leaves it alone)
+            x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
                               align_corners=False)
         return [unit_channels(f) for f in self.vgg(x, blocks=self.blocks)]
 

@@ -204,3 +204,14 @@ def test_perceptual_resizes_to_size(perceptual, monkeypatch):
     x = smooth_image(40)
     perceptual(x, x)
     assert seen and all(kw["size"] == (32, 32) and kw["antialias"] for kw in seen)
+
+
+def test_perceptual_loss_under_bf16_autocast_matches_fp32(vgg19):
+    """The resize runs in fp32 (no bf16 kernel on the CPU), the VGG in bf16: close to the fp32 loss."""
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 48, 48) * 2 - 1, torch.rand(2, 3, 48, 48) * 2 - 1
+    loss = PerceptualLoss(size=32, vgg=vgg19)
+    fp32 = loss(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = loss(a, b)
+    assert torch.isfinite(bf16) and bf16.item() == pytest.approx(fp32.item(), rel=0.05)

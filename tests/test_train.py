@@ -67,6 +67,19 @@ def test_diffusion_loss_falls(diffusion_run):
     assert (out / "samples.png").is_file()
 
 
+
+def test_diffusion_trains_in_bf16_with_sparse_host_reads(processed, tiny_params, vae_run, tmp_path):
+    """The GPU settings on the CPU: bf16 autocast and reads every 7 steps; weights stay fp32, loss falls."""
+    cfg = with_train(tiny_params.diffusion, epochs=30, max_train_items=4, batch_size=4, lr=6e-3, sample_every=0,
+                     precision="bf16", log_every=7)
+    tracker = Tracker()
+    train_diffusion(cfg, tiny_params.data, tiny_params.text, data_dir=processed,
+                    vae_checkpoint=vae_run[0] / "best.pt", out_dir=tmp_path, seed=0, tracker=tracker)
+    loss = [v for _, v in tracker.history["train_loss"]]
+    assert np.mean(loss[-5:]) < 0.8 * np.mean(loss[:3]), loss
+    unet, *_ = load_diffusion(tmp_path / "best.pt")
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+
 @pytest.fixture(scope="module")
 def alignment(processed, tiny_params):
     from pokesprite.data.dataset import SpriteDataset

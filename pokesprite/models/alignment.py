@@ -61,7 +61,8 @@ def _resize(images: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(images.shape[-2:]) == size:
         return images
-    return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
+    # float32: the antialiased resize has no bfloat16 kernel on the CPU
+    return F.interpolate(images.float(), size=size, mode=mode, align_corners=False, antialias=True)
 
 
 @torch.no_grad()
