@@ -200,6 +200,9 @@ class DiffusionStageConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     cond_drop_prob: float = 0.1  # captions replaced by "" in training, for classifier-free guidance
     ema_decay: float = 0.999  # EMA of the U-Net and text projection used for sampling (0 = off)
+    # > 0: instead of ema_decay, the decay whose half-life is this fraction of the run's optimiser steps
+    # (epochs x steps per epoch), so short and long runs average over the same share of training
+    ema_half_life: float = 0.0
     loss: str = "huber"  # noise-prediction loss: huber (SmoothL1, the seed's) or mse
     latent_clamp: float = 3.0  # scaled latents and predicted x0 are clamped to +-this (0 = off)
     # What the U-Net predicts: eps (the noise) or v = sqrt(ab) eps - sqrt(1 - ab) x0, the velocity of
@@ -221,6 +224,8 @@ class DiffusionStageConfig:
             raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"diffusion.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.ema_half_life <= 1:
+            raise ConfigError(f"diffusion.ema_half_life must be a fraction in [0, 1], got {self.ema_half_life}")
 
 
 @dataclass(frozen=True)

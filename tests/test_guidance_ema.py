@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pokesprite.config import UNetConfig
@@ -75,3 +76,13 @@ def test_foreach_ema_equals_the_per_parameter_lerp_and_ignores_skipped_updates()
     assert ema.num_updates == 28
     for avg, ref in zip(ema.shadow.parameters(), reference):
         torch.testing.assert_close(avg, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_decay_for_a_half_life_halves_a_weight_in_that_many_steps():
+    from pokesprite.train.ema import decay_for_half_life
+
+    d = decay_for_half_life(693.0)
+    assert d ** 693 == pytest.approx(0.5)
+    assert decay_for_half_life(1.0) == 0.5
+    with pytest.raises(ValueError):
+        decay_for_half_life(0.0)

@@ -30,6 +30,7 @@ from pokesprite.images import image_grid
 from pokesprite.losses import noise_loss
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.train.common import load_checkpoint, seed_everything
+from pokesprite.train.ema import decay_for_half_life
 from pokesprite.train.loop import Stage, fit
 from pokesprite.train.vae import load_vae
 
@@ -185,6 +186,12 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
                               latent_clamp=cfg.latent_clamp, prediction=cfg.prediction)
     prompts = val_cache.captions[:GRID_PROMPTS]
     bs = cfg.train.batch_size
+    ema_decay = cfg.ema_decay
+    if cfg.ema_half_life > 0:
+        total_steps = cfg.train.epochs * steps_per_epoch(len(train_cache), bs)
+        ema_decay = decay_for_half_life(cfg.ema_half_life * total_steps)
+        log.info("EMA decay %.6f: half-life %.0f of %d steps", ema_decay, cfg.ema_half_life * total_steps,
+                 total_steps)
 
     def loss(idx, epoch):  # everything on the device, random numbers from its default generator
         mean, logvar, hidden, mask = train_cache.take(idx)
@@ -214,7 +221,7 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     stage = Stage(
         name="diffusion", model=trained, loss=loss, validate=validate, export=export, generator=g,
         batches=lambda epoch: batch_indices(len(train_cache), bs, shuffle=True, generator=g, device=device),
-        steps_per_epoch=steps_per_epoch(len(train_cache), bs), ema_decay=cfg.ema_decay,
+        steps_per_epoch=steps_per_epoch(len(train_cache), bs), ema_decay=ema_decay,
         on_epoch_end=on_epoch_end, config={**to_dict(cfg), "text": to_dict(text_cfg)},
         device=torch.device(device))
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)

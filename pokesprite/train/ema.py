@@ -7,6 +7,13 @@ import copy
 import torch
 
 
+def decay_for_half_life(half_life_steps: float) -> float:
+    """The per-step decay d with d ** half_life_steps = 1/2: after that many steps a weight's share halves."""
+    if half_life_steps <= 0:
+        raise ValueError(f"half-life must be positive, got {half_life_steps}")
+    return 0.5 ** (1.0 / half_life_steps)
+
+
 class EMA:
     """Exponential moving average of a model's weights, used for validation, sampling and the saved model.
 

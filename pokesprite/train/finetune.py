@@ -65,40 +65,47 @@ class OneStepObjective:
                  cfg: FinetuneStageConfig, *, loss_kind: str, cond_drop_prob: float, device,
                  min_snr_gamma: float = 0.0):
         self.p, self.align, self.cfg = pipeline, align, cfg
-        self.captions, self.caption_emb = captions, caption_embeddings
+        self.captions, self.caption_emb = captions, caption_embeddings.to(device)
         self.loss_kind, self.cond_drop_prob, self.device = loss_kind, cond_drop_prob, device
         self.min_snr_gamma = min_snr_gamma
         self.clip_loss = ClipLoss()
+        # Every caption and "" tokenized once, on the device: a step indexes them (no tokenizer in the loop).
+        self.tokens = pipeline.text.tokenize(list(captions), device)
+        self.empty = pipeline.text.tokenize([""], device)
 
     def __call__(self, batch, generator, *, train: bool):
         """Returns (alignment loss, consistency loss, one-step image embeddings, indices of the kept captions)."""
         p, device = self.p, self.device
         mean, logvar, idx = batch
         n = len(idx)
-        drop = torch.rand(n, generator=generator) < (self.cond_drop_prob if train else 0.0)
-        tok = p.text.tokenize(["" if d else self.captions[i] for i, d in zip(idx.tolist(), drop.tolist())], device)
+        # Random numbers from ``generator`` (validation's fixed CPU generator), else from the device's own.
+        on = generator.device if generator is not None else torch.device(device)
+        drop = (torch.rand(n, generator=generator, device=on) < (self.cond_drop_prob if train else 0.0)).to(device)
+        idx_dev = idx.to(device)
+        tok = {k: torch.where(drop.view(-1, 1), self.empty[k], v[idx_dev]) for k, v in self.tokens.items()}
         context = p.text(**tok)
-        z0 = sample_latents(mean, logvar, p.latent_scale, generator, p.latent_clamp).to(device)
-        t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), generator=generator).to(device)
-        noise = torch.randn(z0.shape, generator=generator).to(device)
+        z0 = sample_latents(mean.to(device), logvar.to(device), p.latent_scale, generator, p.latent_clamp)
+        t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), generator=generator, device=on).to(device)
+        noise = torch.randn(z0.shape, generator=generator, device=on).to(device)
         zt = p.schedule.add_noise(z0, noise, t)
         out = p.unet(zt, t, context, tok["attention_mask"])  # eps or v
         consistency = noise_loss(out, p.schedule.target(z0, noise, t, p.prediction), self.loss_kind,
                                  p.schedule.loss_weight(t, p.prediction, self.min_snr_gamma))
         keep = ~drop
-        if not keep.any():
-            return consistency.new_zeros(()), consistency, None, idx[keep]
+        kept = idx_dev[keep]  # (a host sync: the batch's kept size decides the shapes below)
+        if len(kept) == 0:
+            return consistency.new_zeros(()), consistency, None, kept.cpu()
         _, x0 = p.schedule.eps_and_x0(out, zt, t, p.prediction)
         if p.latent_clamp > 0:
             x0 = x0.clamp(-p.latent_clamp, p.latent_clamp)
-        kept_tok = {k: v[keep.to(v.device)] for k, v in tok.items()}
-        images = p.decode(x0[keep.to(device)], kept_tok)
+        kept_tok = {k: v[keep] for k, v in tok.items()}
+        images = p.decode(x0[keep], kept_tok)
         image_emb = self.align.encode_image(images)
-        text_emb = self.caption_emb[idx[keep]].to(device)
+        text_emb = self.caption_emb[kept]
         if len(text_emb) < 2:  # a contrastive loss needs at least two pairs
-            return consistency.new_zeros(()), consistency, image_emb, idx[keep]
+            return consistency.new_zeros(()), consistency, image_emb, kept.cpu()
         alignment = self.clip_loss(image_emb, text_emb, self.align.logit_scale.exp().clamp(max=100))
-        return alignment, consistency, image_emb, idx[keep]
+        return alignment, consistency, image_emb, kept.cpu()
 
 
 def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: Path, vae_checkpoint: Path,
@@ -140,7 +147,7 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
 
     def loss(batch, epoch):
         text.train()
-        alignment_loss, consistency, _, _ = train_obj(batch, g, train=True)
+        alignment_loss, consistency, _, _ = train_obj(batch, None, train=True)  # the device's generator
         total = cfg.alignment_weight * alignment_loss + cfg.consistency_weight * consistency
         return total, {"clip": alignment_loss.detach(), "consistency": consistency.detach()}
 
