@@ -6,7 +6,9 @@ a checkout of this repository:
 
     model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
     images = model.predict(["a small green creature with a bulb on its back"], params={"seed": 0})
-    # images: (N, 215, 215, 3) uint8
+    # images: (N, 215, 215, 3) uint8 on the background colour
+    pngs = model.predict(["a blue turtle"], params={"format": "png"})
+    # pngs: one base64-encoded RGBA PNG per prompt, the background keyed to transparency
 """
 from __future__ import annotations
 
@@ -15,13 +17,17 @@ from pathlib import Path
 import numpy as np
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import pokesprite
+from pokesprite.images import WHITE, key_background, parse_colour, png_base64
 
 CHAMPION = "champion"
 EXAMPLE_PROMPTS = ["a small green creature with a bulb on its back"]
-RUNTIME_PACKAGES = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml"]
+RUNTIME_PACKAGES = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml", "scipy"]
+FORMATS = ("array", "png")  # the ``format`` request param
+SPRITE_PARAMS = ("seed", "num_steps", "guidance_scale", "sampler", "format", "rgb", "background")
 
 
 def requirements() -> list[str]:
@@ -46,11 +52,67 @@ def prompts_from_input(model_input) -> list[str]:
     return prompts
 
 
+def encode_sprites(images: np.ndarray, *, fmt: str = "array", rgb: bool = False,
+                   background: tuple[int, int, int] = WHITE):
+    """(N, 215, 215, 3) uint8 sprites -> the answer for ``format``.
+
+    ``array``: the sprites unchanged. ``png``: one base64 PNG string per sprite, RGBA with the
+    background keyed to transparency (``images.key_background``), or RGB when ``rgb`` is true.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: the request param format must be one of {', '.join(FORMATS)}")
+    if fmt == "array":
+        return images
+    return [png_base64(img if rgb else key_background(img, background)) for img in images]
+
+
+def reject_unknown_params(params, schema) -> None:
+    """Raise a 400-style ``MlflowException`` naming every request param the schema does not define."""
+    if not isinstance(params, dict) or schema is None:
+        return
+    known = {p.name for p in schema.params}
+    if unknown := sorted(str(k) for k in params if str(k) not in known):
+        raise MlflowException.invalid_parameter_value(
+            f"unknown request param(s) {', '.join(unknown)}; this model accepts {', '.join(sorted(known))}")
+
+
+def _install_unknown_param_check() -> None:
+    """Make unknown request params an error for this model's schema.
+
+    MLflow 3.17's schema enforcement (``mlflow.models.utils._enforce_params_schema``, which
+    ``PyFuncModel.predict`` and the scoring server call before the model sees anything) drops
+    params missing from the schema with only a log warning, so a typo such as ``"seeds"`` would
+    quietly draw with seed 0. This wraps that function, for params schemas holding exactly
+    ``SPRITE_PARAMS`` only, so that such a request gets HTTP 400 naming the param; other models
+    in the process are untouched. Idempotent.
+    """
+    import mlflow.pyfunc as pyfunc_module
+
+    enforce = getattr(pyfunc_module, "_enforce_params_schema", None)
+    if enforce is None or getattr(enforce, "pokesprite_checks_unknown", False):
+        return
+
+    def enforce_known_params(params, schema):
+        if schema is not None and {p.name for p in schema.params} == set(SPRITE_PARAMS):
+            reject_unknown_params(params, schema)
+        return enforce(params, schema)
+
+    enforce_known_params.pokesprite_checks_unknown = True
+    pyfunc_module._enforce_params_schema = enforce_known_params
+
+
 class SpriteModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around ``SpritePipeline``: prompts in, (N, 215, 215, 3) uint8 sprites out.
+    """pyfunc wrapper around ``SpritePipeline``: prompts in, sprites out.
+
+    Request params (all optional; the logged signature holds their defaults): ``seed``,
+    ``num_steps``, ``guidance_scale``, ``sampler``; ``format`` = ``array`` ((N, 215, 215, 3) uint8)
+    or ``png`` (base64 PNG strings, RGBA unless ``rgb`` is true); ``background`` = the colour the
+    model draws on (``#rrggbb`` or ``R,G,B``), which keying makes transparent. A bad or unknown
+    param raises ``MlflowException`` (INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``).
 
     ``predict`` has no type hints on purpose: MLflow would then replace the logged signature, whose
-    params schema (seed, num_steps) is what lets callers pass sampling options.
+    params schema is what lets callers pass these options. ``load_model(uri, model_config={"device":
+    "cuda:1"})`` picks the device (default: CUDA when present, else the CPU).
     """
 
     def load_context(self, context):
@@ -58,27 +120,39 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
 
         from pokesprite.pipeline import SpritePipeline
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _install_unknown_param_check()
+        device = (context.model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
 
     def predict(self, context, model_input, params=None):
         params = params or {}
-        return self.pipeline(prompts_from_input(model_input), seed=int(params.get("seed", 0)),
-                             num_steps=params.get("num_steps"), guidance_scale=params.get("guidance_scale"),
-                             sampler=params.get("sampler"))
+        try:
+            fmt = str(params.get("format") or "array")
+            encode_sprites(np.zeros((0, 1, 1, 3), np.uint8), fmt=fmt)  # a bad format fails before drawing
+            background = parse_colour(params.get("background") or WHITE)
+            images = self.pipeline(prompts_from_input(model_input), seed=int(params.get("seed", 0)),
+                                   num_steps=params.get("num_steps"), guidance_scale=params.get("guidance_scale"),
+                                   sampler=params.get("sampler"))
+        except ValueError as e:  # bad params or prompts: the caller's to fix
+            raise MlflowException.invalid_parameter_value(str(e)) from e
+        return encode_sprites(images, fmt=fmt, rgb=bool(params.get("rgb", False)), background=background)
 
 
-def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, name: str = "model"):
+def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, name: str = "model",
+              background: tuple[int, int, int] = WHITE):
     """Log the pipeline folder as a pyfunc model to the active run (and register it when a name is given).
 
-    The signature's params (seed, num_steps, guidance_scale, sampler) default to the pipeline's own
-    sampling settings, so callers override only what they want.
+    The signature's params (``SPRITE_PARAMS``) default to the pipeline's own sampling settings,
+    arrays, RGBA and ``background`` (the training background, ``data.background``), so callers
+    override only what they want.
     """
     from pokesprite.pipeline import SpritePipeline
 
     sample = SpritePipeline.sample_defaults(pipeline_dir)
     defaults = {"seed": 0, "num_steps": sample.steps, "guidance_scale": sample.guidance_scale,
-                "sampler": sample.sampler}
+                "sampler": sample.sampler, "format": "array", "rgb": False,
+                "background": "#{:02x}{:02x}{:02x}".format(*parse_colour(background))}
+    assert tuple(defaults) == SPRITE_PARAMS
     example_out = np.zeros((1, 215, 215, 3), dtype=np.uint8)
     signature = infer_signature(EXAMPLE_PROMPTS, example_out, params=defaults)
     return mlflow.pyfunc.log_model(

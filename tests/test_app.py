@@ -1,0 +1,351 @@
+"""`pokesprite serve` in a real browser, the REST model's params under `mlflow models serve`, and
+`pokesprite generate`'s files, all against a tiny pipeline with random weights.
+
+The browser is the Debian ``chromium`` (apt-get install -y chromium), driven by Playwright; no
+browser is downloaded. Every request the page makes outside 127.0.0.1 is blocked and counted.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pokesprite.app import MAX_SPRITES, ServeError, check_request, load_studio
+from pokesprite.images import key_background
+from pokesprite.pipeline import SpritePipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "serve.png"  # rewritten when POKESPRITE_UPDATE_SCREENSHOT=1
+NAME = "sprites"
+PROMPT = "a small green creature with a bulb on its back"
+
+
+def build_tiny_pipeline(directory: Path) -> Path:
+    """A saved pipeline with random weights: 1-layer 16-d BERT (the bundled tokenizer), 8-channel VAE and U-Net."""
+    from transformers import BertConfig, BertModel
+
+    from pokesprite.config import SampleConfig, ScheduleConfig, UNetConfig, VAEConfig
+    from pokesprite.diffusion.schedule import NoiseSchedule
+    from pokesprite.models.text import TextEncoder, load_tokenizer
+    from pokesprite.models.unet import UNet
+    from pokesprite.models.vae import VAE
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("bundled")
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32, max_position_embeddings=32))
+    text = TextEncoder(bert, tokenizer, dim=16, max_tokens=16)
+    vae = VAE(VAEConfig(channels=(8, 8, 8, 8), latent_channels=4, groups=4))
+    unet = UNet(UNetConfig(latent_channels=4, channels=(8, 8, 8), heads=2, groups=4), context_dim=16)
+    pipe = SpritePipeline(vae, unet, text, NoiseSchedule(ScheduleConfig()), latent_scale=1.0,
+                          sample=SampleConfig(sampler="ddim", steps=2, guidance_scale=2.0))
+    return pipe.save(directory)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "model")
+
+
+@pytest.fixture(scope="module")
+def registry(pipeline_dir, tmp_path_factory):
+    """The tiny pipeline logged and registered as ``sprites`` version 1 (alias champion) in a fresh
+    sqlite store; ``MLFLOW_TRACKING_URI`` points at it for this module (and its subprocesses)."""
+    import mlflow
+
+    from pokesprite.registry import log_model
+
+    store = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        exp = mlflow.create_experiment("serve-test", artifact_location=(store / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            info = log_model(pipeline_dir, registered_model_name=NAME)
+        mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info.registered_model_version)
+        yield uri
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+class Server:
+    """A command serving on 127.0.0.1:port in its own process group, stopped with the group."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path, ready_path: str = "/"):
+        self.url, self.log = f"http://127.0.0.1:{port}", log
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env(),
+                                     cwd=ROOT, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{' '.join(cmd)} exited {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + ready_path, timeout=2):
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        self.stop()
+        raise AssertionError(f"{' '.join(cmd)} did not answer within 240 s:\n{log.read_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def decode_png(text: str) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(text)))
+    assert im.format == "PNG"
+    return im
+
+
+# --- the page's input checks -------------------------------------------------------------------
+
+def test_check_request_accepts_good_inputs_and_names_the_bad_field():
+    req = check_request(" a red lizard ", 7, 50.0, 3, 4, "ddim", False, max_steps=1000)
+    assert (req.prompt, req.seed, req.steps, req.guidance, req.count, req.sampler, req.rgb) == \
+        ("a red lizard", 7, 50, 3.0, 4, "ddim", False)
+    bad = {"Prompt is empty": dict(prompt="  "),
+           "Sampling steps must be a whole number from 1 to 1000, got 0": dict(steps=0),
+           "Sampling steps must be a whole number from 1 to 1000, got 1001": dict(steps=1001),
+           "Sampling steps must be a whole number from 1 to 1000, got 2.5": dict(steps=2.5),
+           "Seed must be a whole number": dict(seed=-1),
+           f"Number of sprites must be a whole number from 1 to {MAX_SPRITES}": dict(count=MAX_SPRITES + 1),
+           "Guidance scale must be between 0 and 20": dict(guidance=None),
+           "Sampler must be ddpm or ddim": dict(sampler="euler")}
+    good = dict(prompt="x", seed=0, steps=10, guidance=3.0, count=1, sampler="ddpm", rgb=True)
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_request(**{**good, **change}, max_steps=1000)
+
+
+def test_a_folder_that_is_not_a_pipeline_is_named(tmp_path):
+    with pytest.raises(ServeError, match=r"not a saved pokesprite pipeline.*SpritePipeline.save"):
+        load_studio(str(tmp_path), device="cpu")
+
+
+# --- the REST model -----------------------------------------------------------------------------
+
+def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    prompts = [PROMPT, "a blue turtle"]
+    arrays = model.predict(prompts, params={"seed": 3})
+    assert arrays.shape == (2, 215, 215, 3) and arrays.dtype == np.uint8
+    pngs = model.predict(prompts, params={"seed": 3, "format": "png"})
+    assert isinstance(pngs, list) and len(pngs) == 2
+    for png, rgb in zip(pngs, arrays):
+        im = decode_png(png)
+        assert im.mode == "RGBA" and im.size == (215, 215)
+        assert np.array_equal(np.asarray(im), key_background(rgb))  # the same sprite, keyed
+    # the same prompts (batch) and seed give the same sprites; a different batch may differ by rounding
+    flat = decode_png(model.predict(prompts, params={"seed": 3, "format": "png", "rgb": True})[1])
+    assert flat.mode == "RGB" and np.array_equal(np.asarray(flat), arrays[1])
+    on_black = decode_png(model.predict(prompts, params={"seed": 3, "format": "png", "background": "0,0,0"})[1])
+    assert np.array_equal(np.asarray(on_black), key_background(arrays[1], (0, 0, 0)))
+
+    for params, words in (({"seeds": 1, "formt": "png"}, "unknown request param(s) formt, seeds"),
+                          ({"format": "jpeg"}, "unknown format 'jpeg'"),
+                          ({"background": "white"}, "background must be a colour"),
+                          ({"num_steps": 0}, "num_steps must be in 1..1000")):
+        with pytest.raises(MlflowException, match=re.escape(words)) as e:
+            model.predict(prompts[:1], params=params)
+        assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipeline_dir, tmp_path):
+    port = free_port()
+    server = Server([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+                     "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)], port,
+                    tmp_path / "rest.log", ready_path="/ping")
+    try:
+        url = server.url + "/invocations"
+        status, body = post(url, {"inputs": [PROMPT, PROMPT], "params": {"seed": 0, "format": "png"}})
+        assert status == 200 and len(body["predictions"]) == 2
+        images = [decode_png(p) for p in body["predictions"]]
+        assert all(im.mode == "RGBA" and im.size == (215, 215) for im in images)
+        local = SpritePipeline.load(pipeline_dir)([PROMPT, PROMPT], seed=0)
+        assert np.array_equal(np.asarray(images[0]), key_background(local[0]))  # same weights and seed
+
+        status, body = post(url, {"inputs": [PROMPT], "params": {"seed": 0, "sed": 1}})
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "unknown request param(s) sed;" in body["message"]
+        status, body = post(url, {"inputs": [PROMPT], "params": {"format": "gif"}})
+        assert status == 400 and "unknown format 'gif'" in body["message"]
+    finally:
+        server.stop()
+
+
+def test_generate_writes_rgba_pngs_with_normal_permissions_or_rgb(registry, tmp_path):
+    from pokesprite.cli import main
+
+    old = os.umask(0o022)
+    try:
+        assert main(["generate", PROMPT, "-n", "2", "--seed", "1", "--model", f"models:/{NAME}@champion",
+                     "-o", str(tmp_path / "rgba")]) == 0
+        assert main(["generate", PROMPT, "-n", "2", "--seed", "1", "--model", f"models:/{NAME}@champion",
+                     "-o", str(tmp_path / "rgb"), "--rgb"]) == 0
+        assert main(["generate", PROMPT, "--background", "white", "-o", str(tmp_path / "x")]) == 2
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "rgba").iterdir())
+    assert [p.name for p in files] == ["sprite_1_00.png", "sprite_1_01.png"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+    rgba, rgb = Image.open(files[0]), Image.open(tmp_path / "rgb" / "sprite_1_00.png")
+    assert rgba.mode == "RGBA" and rgb.mode == "RGB" and rgba.size == rgb.size == (215, 215)
+    assert np.array_equal(np.asarray(rgba), key_background(np.asarray(rgb)))
+
+
+# --- the page in a browser ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("the browser test needs Debian's chromium: apt-get install -y chromium (as root)")
+    return path
+
+
+def serve_page(model: str, tmp_path: Path) -> Server:
+    port = free_port()
+    return Server([sys.executable, "-m", "pokesprite.cli", "serve", "--model", model, "--port", str(port),
+                   "--device", "cpu"], port, tmp_path / "serve.log")
+
+
+def open_page(browser, url: str, blocked: list[str]):
+    """A page on which every request outside the server is aborted and recorded in ``blocked``."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+
+    def only_local(route):
+        if route.request.url.startswith((url, "data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(url, wait_until="networkidle")
+    return page
+
+
+def test_page_draws_transparent_sprites_from_a_pipeline_folder(pipeline_dir, chromium, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    server = serve_page(str(pipeline_dir), tmp_path)
+    blocked: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium)
+            page = open_page(browser, server.url, blocked)
+            expect(page.locator("#model-info")).to_contain_text(f"pipeline folder {pipeline_dir}")
+            status = page.locator("#status")
+
+            page.locator("#draw").click()  # no prompt yet
+            expect(status).to_contain_text("Cannot draw: Prompt is empty", timeout=30_000)
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#steps input").fill("5000")
+            page.locator("#draw").click()
+            expect(status).to_contain_text("Sampling steps must be a whole number from 1 to 1000, got 5000",
+                                           timeout=30_000)
+            assert "Traceback" not in page.content()
+
+            page.locator("#steps input").fill("2")
+            page.locator("#seed input").fill("5")
+            page.locator("#count input[type=number]").fill("3")
+            page.locator("#count input[type=number]").press("Enter")
+            page.locator("#draw").click()
+            expect(status).to_contain_text("Drew 3 transparent (RGBA) sprite(s)", timeout=120_000)
+            images = page.locator("#gallery img")
+            expect(images).to_have_count(3)
+            served = []
+            for i in range(3):
+                response = page.request.get(images.nth(i).get_attribute("src"))
+                assert response.ok
+                served.append(Image.open(io.BytesIO(response.body())))
+            assert all(im.format == "PNG" and im.mode == "RGBA" and im.size == (215, 215) for im in served)
+            links = page.locator("#downloads a")
+            names = sorted(Path(links.nth(i).get_attribute("href")).name for i in range(links.count()))
+            assert names == ["sprite_5_00.png", "sprite_5_01.png", "sprite_5_02.png", "sprites_5.zip"]
+            page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+            if os.environ.get("POKESPRITE_UPDATE_SCREENSHOT") == "1":
+                SCREENSHOT.parent.mkdir(exist_ok=True)
+                Image.open(tmp_path / "serve.png").convert("RGB").quantize(128).save(SCREENSHOT, optimize=True)
+            browser.close()
+    finally:
+        server.stop()
+    assert blocked == []  # nothing outside the server: no fonts, analytics or CDN
+    pipe = SpritePipeline.load(pipeline_dir)
+    expected = pipe([PROMPT] * 3, seed=5, num_steps=2, guidance_scale=2.0, sampler="ddim")
+    for im, rgb in zip(served, expected):
+        assert np.array_equal(np.asarray(im), key_background(rgb))  # the page's sprites are the model's, keyed
+
+
+def test_page_serves_a_registered_model_by_alias(registry, chromium, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    server = serve_page(f"models:/{NAME}@champion", tmp_path)
+    blocked: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium)
+            page = open_page(browser, server.url, blocked)
+            expect(page.locator("#model-info")).to_contain_text(f"Serving {NAME} version 1 (alias champion)")
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#rgb input").check()
+            page.locator("#count input[type=number]").fill("1")
+            page.locator("#count input[type=number]").press("Enter")
+            page.locator("#draw").click()
+            expect(page.locator("#status")).to_contain_text("Drew 1 RGB sprite(s)", timeout=120_000)
+            src = page.locator("#gallery img").first.get_attribute("src")
+            image = Image.open(io.BytesIO(page.request.get(src).body()))
+            assert image.mode == "RGB" and image.size == (215, 215)
+            browser.close()
+    finally:
+        server.stop()
+    assert blocked == []
