@@ -46,9 +46,10 @@ test: install
 # Prefect UI on :4200, MLflow UI on :5000 and TensorBoard on :6006 (Ctrl-C stops all three).
 ui: install
 	@echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000   TensorBoard: http://127.0.0.1:6006"
+	@echo "(MLflow opens in its GenAI view: flip the sidebar to \"Model training\" once and it stays.)"
 	@trap 'kill 0' INT TERM; \
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
-	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1 --port 6006 & \
+	$(BIN)/tensorboard --logdir tb --host 127.0.0.1 --port 6006 & \
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts & \
