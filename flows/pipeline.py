@@ -1,21 +1,49 @@
-"""Prefect flows: one per stage, and ``pipeline`` that runs all stages as tasks in order.
+"""Prefect flows that run the stages of ``pokesprite.stage_table``: no stage is named here.
 
-Each task is one line around a ``pokesprite.stages`` function; retries come from params.yaml
-(section ``prefect``). Without ``PREFECT_API_URL`` Prefect runs an embedded API (flow runs are kept
-in ``~/.prefect`` and appear in ``prefect server start``'s UI); with it set, runs are reported to
-that server.
+``stage_flow`` runs one stage as one flow run (``pokesprite-stage``, the run named after the stage;
+``python -m flows.run STAGE``, each DVC stage's command); ``pipeline_flow`` runs every stage, in
+table order, as the tasks of one ``pokesprite-pipeline`` flow run. Each task is one call of the
+stage's function, with the MLflow tags that tie its run to the flow run.
+
+Retries (params.yaml ``prefect``) are for failures that may pass: an error that a retry would only
+repeat (``PERMANENT``) fails at once, and a retried training stage continues from the ``last.pt`` its
+failed attempt wrote (``stages.resume_point``) instead of from epoch 0. Flow runs are tagged
+``stage:NAME`` (and ``dvc-exp:NAME`` inside ``dvc exp run``) and carry a link artifact to their
+MLflow run. Without ``PREFECT_API_URL`` Prefect runs an embedded API (flow runs are kept in
+``~/.prefect`` and appear in ``prefect server start``'s UI); with it set, runs go to that server.
 """
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults)
-from prefect import flow, task
+from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
 from pokesprite import stages
-from pokesprite.config import Params, load_params
+from pokesprite.config import ConfigError, Params, load_params
+from pokesprite.data.raw import DatasetError
+from pokesprite.stage_table import STAGES
+from pokesprite.train.stability import TrainingDiverged
+
+log = logging.getLogger(__name__)
+# Failures a retry would only repeat: a bad params value or dataset file, a diverged run, a missing
+# input (data/ or an earlier stage's output), a checkpoint of the wrong kind (ValueError).
+PERMANENT = (ConfigError, DatasetError, TrainingDiverged, FileNotFoundError, ValueError)
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `make ui` serves MLflow when the store is a local file
+
+
+def is_permanent(exc: BaseException | None) -> bool:
+    return isinstance(exc, PERMANENT)
+
+
+def retry_transient(_task, _task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn``: retry unless the failure is one a retry would repeat."""
+    return not is_permanent(state.data if isinstance(state.data, BaseException) else None)
 
 
 def lineage() -> dict:
@@ -23,92 +51,84 @@ def lineage() -> dict:
     return {"prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": str(flow_run.name)}
 
 
-@task(name="preprocess", cache_policy=NO_CACHE)
-def preprocess_task(params: Params, root: str = ".") -> dict:
-    return stages.run_preprocess(params, root=root, tags=lineage())
+def run_tags(*names: str) -> list[str]:
+    """Flow-run tags: the given ones, and the experiment's name when `dvc exp run` runs the stage."""
+    exp = os.environ.get("DVC_EXP_NAME")
+    return [*names, *([f"dvc-exp:{exp}"] if exp else [])]
 
 
-@task(name="alignment", cache_policy=NO_CACHE)
-def alignment_task(params: Params, root: str = ".") -> dict:
-    return stages.run_alignment(params, root=root, tags=lineage())
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def stage_task(name: str, params: Params, root: str = ".", started: float = 0.0,
+               params_file: str = "params.yaml") -> dict:
+    """One stage; a retry of a training stage continues from the last.pt written since ``started``."""
+    spec, layout = STAGES[name], stages.Layout(root)
+    kwargs, mlflow_tags = {}, lineage()
+    if spec.resumable and task_run.run_count > 1:
+        resume = stages.resume_point(name, params, layout, not_before=started)
+        if resume is not None:
+            kwargs["resume"], mlflow_tags["resumed_from"] = resume, str(resume)
+    try:
+        return spec.run(params, root=root, tags=mlflow_tags, **kwargs)
+    except KeyboardInterrupt as e:  # flows.run prints the note after Prefect's own crash report
+        if spec.resumable:
+            e.add_note(stages.resume_hint(name, spec.number, layout, params_file=params_file,
+                                          under_dvc="DVC_STAGE" in os.environ))
+        raise
 
 
-@task(name="vae", cache_policy=NO_CACHE)
-def vae_task(params: Params, root: str = ".") -> dict:
-    return stages.run_vae(params, root=root, tags=lineage())
-
-
-@task(name="diffusion", cache_policy=NO_CACHE)
-def diffusion_task(params: Params, root: str = ".") -> dict:
-    return stages.run_diffusion(params, root=root, tags=lineage())
-
-
-@task(name="finetune", cache_policy=NO_CACHE)
-def finetune_task(params: Params, root: str = ".") -> dict:
-    return stages.run_finetune(params, root=root, tags=lineage())
-
-
-@task(name="reference", cache_policy=NO_CACHE)
-def reference_task(params: Params, root: str = ".") -> dict:
-    return stages.run_reference(params, root=root, tags=lineage())
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(params: Params, root: str = ".") -> dict:
-    return stages.run_evaluate(params, root=root, tags=lineage())
-
-
-TASKS = {"preprocess": preprocess_task, "reference": reference_task, "alignment": alignment_task, "vae": vae_task,
-         "diffusion": diffusion_task, "finetune": finetune_task, "evaluate": evaluate_task}
-
-
-def run_task(name: str, params_file: str, root: str) -> dict:
+def run_stage(name: str, params_file: str, root: str) -> dict:
+    """The stage as a task with the retries of params.yaml, then a link to its MLflow run."""
     params = load_params(Path(root) / params_file)
-    retrying = TASKS[name].with_options(retries=params.prefect.retries,
-                                        retry_delay_seconds=params.prefect.retry_delay_seconds)
-    return retrying(params, root)
+    retrying = stage_task.with_options(retries=params.prefect.retries,
+                                       retry_delay_seconds=params.prefect.retry_delay_seconds)
+    try:
+        with tags(f"stage:{name}"):
+            return retrying(name, params, root, time.time(), params_file)
+    finally:
+        link_mlflow_run(name, params, root)
 
 
-@flow(name="pokesprite-preprocess")
-def preprocess_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("preprocess", params_file, root)
+def link_mlflow_run(name: str, params: Params, root: str) -> None:
+    """A link artifact on the flow run to the latest MLflow run of stage ``name`` that it started."""
+    from pokesprite.tracking import configure_mlflow, experiment_url, tracking_enabled
+
+    if not tracking_enabled():
+        return
+    try:
+        import mlflow
+        from prefect.artifacts import create_link_artifact
+
+        uri = configure_mlflow(Path(root))
+        runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list",
+                                  filter_string=f"tags.prefect_flow_run_id = '{flow_run.id}' AND tags.stage = '{name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return
+        info = runs[0].info
+        base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
+        create_link_artifact(experiment_url(base, info.experiment_id, info.run_id),
+                             link_text=f"MLflow run of {name} ({info.status.lower()})", key=f"mlflow-{name}",
+                             description=f"The MLflow run (params, metrics, images) of the {name} stage.")
+    except Exception as e:  # a missing link must not hide the stage's own outcome
+        log.warning("no MLflow link artifact for %s: %s", name, e)
 
 
-@flow(name="pokesprite-alignment")
-def alignment_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("alignment", params_file, root)
-
-
-@flow(name="pokesprite-vae")
-def vae_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("vae", params_file, root)
-
-
-@flow(name="pokesprite-diffusion")
-def diffusion_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("diffusion", params_file, root)
-
-
-@flow(name="pokesprite-finetune")
-def finetune_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("finetune", params_file, root)
-
-
-@flow(name="pokesprite-reference")
-def reference_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("reference", params_file, root)
-
-
-@flow(name="pokesprite-evaluate")
-def evaluate_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
-    return run_task("evaluate", params_file, root)
+@flow(name="pokesprite-stage", flow_run_name="{stage}")
+def stage_flow(stage: str, params_file: str = "params.yaml", root: str = ".") -> dict:
+    """One stage of the table (what `dvc repro` runs for it)."""
+    return run_stage(stage, params_file, root)
 
 
 @flow(name="pokesprite-pipeline")
 def pipeline_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
     """Every stage (preprocess ... evaluate) in one flow run, each a task with retries."""
-    return {name: run_task(name, params_file, root) for name in stages.STAGES}
+    return {name: run_stage(name, params_file, root) for name in STAGES}
 
 
-FLOWS = {"preprocess": preprocess_flow, "reference": reference_flow, "alignment": alignment_flow, "vae": vae_flow,
-         "diffusion": diffusion_flow, "finetune": finetune_flow, "evaluate": evaluate_flow, "pipeline": pipeline_flow}
+def run_flow(stage: str, params_file: str = "params.yaml", root: str = ".") -> dict:
+    """``stage`` (a name in the table) or ``pipeline`` as a tagged flow run."""
+    if stage == "pipeline":
+        with tags(*run_tags("pipeline")):
+            return pipeline_flow(params_file=params_file, root=root)
+    with tags(*run_tags(f"stage:{stage}")):
+        return stage_flow(stage=stage, params_file=params_file, root=root)

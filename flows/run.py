@@ -1,17 +1,17 @@
-"""Entry point of the DVC stages: ``python -m flows.run STAGE`` (or ``pipeline``)."""
+"""Entry point of the DVC stages: ``python -m flows.run STAGE`` (a stage of pokesprite.stage_table, or ``pipeline``)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-from pokesprite import stages
 from pokesprite.config import ConfigError, load_params
+from pokesprite.stage_table import STAGES
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__)
-    parser.add_argument("stage", choices=(*stages.STAGES, "pipeline"))
+    parser.add_argument("stage", choices=(*STAGES, "pipeline"))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -21,9 +21,18 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from flows.pipeline import FLOWS
+    from flows.pipeline import is_permanent, run_flow
 
-    FLOWS[args.stage](params_file=args.params)
+    try:
+        run_flow(args.stage, params_file=args.params)
+    except KeyboardInterrupt as e:  # a training stage's note says how to resume it
+        print("\n".join(["interrupted", *getattr(e, "__notes__", [])]), file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_permanent(e):
+            raise
+        print(f"error: {args.stage}: {e}", file=sys.stderr)  # a retry would not help; nothing was retried
+        return 2
     return 0
 
 

@@ -3,8 +3,11 @@
     pokesprite data import [SOURCE]     validate and copy the raw dataset into data/
     pokesprite data stats               counts, image sizes, caption lengths, split sizes
     pokesprite train [--stage all|1|2|3|eval] ...   run the stages (as `dvc repro` does, without DVC)
-    pokesprite generate PROMPT ...      draw sprites with a registered model
+    pokesprite generate PROMPT ...      draw sprites with a registered model (RGBA PNGs; --rgb)
+    pokesprite serve [--model URI|DIR]  a web page to draw sprites (Gradio, http://127.0.0.1:7860)
     pokesprite models list              registered versions, their aliases and evaluation metrics
+    pokesprite exp show                 DVC experiments: changed params and headline metrics, <= 120 columns
+    pokesprite metrics show             the workspace's headline metrics against HEAD
 """
 from __future__ import annotations
 
@@ -51,31 +54,39 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
-STAGE_NUMBERS = {"1": "vae", "2": "diffusion", "3": "finetune", "eval": "evaluate"}
-PREREQUISITES = {"finetune": "alignment", "evaluate": "reference"}  # run first when their output is missing
+def stage_choices() -> tuple[str, ...]:
+    """``all``, the stages' numbers (1/2/3/eval) and their names, from the stage table."""
+    from pokesprite.stage_table import STAGES
+
+    return ("all", *(s.number for s in STAGES.values() if s.number), *STAGES)
 
 
-def stages_to_run(stage: str, resume_kind: str | None) -> list[str]:
-    """``all`` = every stage of the pipeline; 1/2/3/eval = vae/diffusion/finetune/evaluate, with the
-    scorer (3) or the reference features (eval) first if they are missing."""
-    from pokesprite.stages import STAGES
+def stages_to_run(stage: str, resume_kind: str | None, layout) -> list[str]:
+    """``all`` = every stage of the table; a number (1/2/3/eval = vae/diffusion/finetune/evaluate) or
+    a name = that stage, after the unnumbered stages it reads (preprocess, alignment, reference)
+    whose outputs are missing under ``layout``."""
+    from pokesprite.stage_table import STAGES, stage_by_number, upstream
 
     if stage == "all":
         names = list(STAGES)
         if resume_kind is not None:  # continue the interrupted stage, then the ones after it
             names = names[names.index(resume_kind):]
         return names
-    name = STAGE_NUMBERS[stage]
+    name = stage if stage in STAGES else stage_by_number(stage).name
     if resume_kind is not None and resume_kind != name:
         raise ValueError(f"--resume holds a {resume_kind} checkpoint but --stage {stage} is {name}")
-    return [PREREQUISITES[name], name] if name in PREREQUISITES else [name]
+    missing = [n for n in upstream(name)
+               if STAGES[n].number is None and not all((layout.out / out).exists() for out in STAGES[n].outs)]
+    return [*missing, name]
 
 
 def cmd_train(args) -> int:
     import dataclasses
+    import inspect
 
     from pokesprite import stages
     from pokesprite.config import load_params
+    from pokesprite.stage_table import STAGES
     from pokesprite.train.common import load_checkpoint
 
     params = load_params(args.config)
@@ -97,27 +108,30 @@ def cmd_train(args) -> int:
 
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
         resume_kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-        if resume_kind not in ("vae", "diffusion", "finetune"):
-            raise ValueError(f"{args.resume}: not a vae, diffusion or finetune checkpoint (kind {resume_kind!r})")
+        resumable = [s.name for s in STAGES.values() if s.resumable]
+        if resume_kind not in resumable:
+            kinds = ", ".join(resumable[:-1]) + " or " + resumable[-1]
+            raise ValueError(f"{args.resume}: not a {kinds} checkpoint (kind {resume_kind!r})")
         load_checkpoint(args.resume, resume_kind)
-    names = stages_to_run(args.stage, resume_kind)
     layout = stages.Layout(args.root, args.out)
-    if args.stage == "3" and layout.alignment_model.is_file():
-        names = names[1:]  # the scorer is trained already
-    if args.stage == "eval" and (layout.reference_dir / "independent_scorer.pt").is_file():
-        names = names[1:]  # the reference features exist already
+    names = stages_to_run(args.stage, resume_kind, layout)
+    checkpoints = {"vae_checkpoint": args.vae_checkpoint, "diffusion_checkpoint": args.diffusion_checkpoint}
     results = {}
     for name in names:
+        spec = STAGES[name]
         kw = {"root": args.root, "out": args.out, "device": args.device,
               "tags": {"entry_point": "pokesprite train"}}
         if name == resume_kind:
             kw["resume"] = Path(args.resume)
-        if name in ("diffusion", "finetune") and args.vae_checkpoint:
-            kw["vae_checkpoint"] = Path(args.vae_checkpoint)
-        if name == "finetune" and args.diffusion_checkpoint:
-            kw["diffusion_checkpoint"] = Path(args.diffusion_checkpoint)
+        accepted = inspect.signature(spec.run).parameters
+        kw.update({k: Path(v) for k, v in checkpoints.items() if v and k in accepted})
         print(f"== {name} ==", flush=True)
-        results[name] = getattr(stages, f"run_{name}")(params, **kw)
+        try:
+            results[name] = spec.run(params, **kw)
+        except KeyboardInterrupt:
+            if spec.resumable:
+                print(stages.resume_hint(name, spec.number, layout, params_file=args.config), file=sys.stderr)
+            return 130
     print(json.dumps(results, indent=2, default=str))
     return 0
 
@@ -126,9 +140,10 @@ def cmd_generate(args) -> int:
     import mlflow
 
     from pokesprite.tracking import configure_mlflow
-    from pokesprite.images import save_image_atomic
+    from pokesprite.images import WHITE, key_background, parse_colour, save_image_atomic
     from PIL import Image
 
+    background = parse_colour(args.background, name="--background") if args.background else None
     configure_mlflow()
     try:
         model = mlflow.pyfunc.load_model(args.model)
@@ -136,13 +151,30 @@ def cmd_generate(args) -> int:
         print(f"error: cannot load {args.model} from {mlflow.get_tracking_uri()}: {e}\n"
               "Train and register a model first (make repro), or pass --model URI.", file=sys.stderr)
         return 1
+    if background is None:  # the colour the model was trained on, as logged (white for older versions)
+        schema = model.metadata.get_params_schema()
+        logged = {p.name: p.default for p in schema.params} if schema else {}
+        background = parse_colour(logged.get("background") or WHITE)
     params = {"seed": args.seed, "num_steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler}
     images = model.predict([args.prompt] * args.n, params={k: v for k, v in params.items() if v is not None})
     out = Path(args.out)
     for i, img in enumerate(images):
         path = out / f"sprite_{args.seed}_{i:02d}.png"
-        save_image_atomic(Image.fromarray(img), path)
+        save_image_atomic(Image.fromarray(img if args.rgb else key_background(img, background)), path)
         print(path)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pokesprite.app import ServeError, serve
+    from pokesprite.images import parse_colour
+
+    background = parse_colour(args.background, name="--background") if args.background else None
+    try:
+        serve(args.model, host=args.host, port=args.port, device=args.device, background=background)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -203,16 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
     st.set_defaults(func=cmd_data_stats)
 
+    from pokesprite.stage_table import STAGES
+
     tr = sub.add_parser(
         "train", help="train stages directly (the library functions `dvc repro` runs), e.g. on a GPU machine",
-        description="Run the training stages in order: all = preprocess, alignment, vae (1), diffusion (2), "
-                    "finetune (3). Each stage finds the previous stage's best checkpoint under outputs/; "
-                    "explicit paths override. Runs are logged to MLflow and TensorBoard like `dvc repro`.")
+        description="Run the stages in order: all = " + ", ".join(STAGES) + ". Each stage finds the "
+                    "previous stage's best checkpoint under outputs/; explicit paths override. Runs are logged to "
+                    "MLflow and TensorBoard like `dvc repro`.")
     tr.add_argument("--config", default="params.yaml", help="params file (default: params.yaml; "
                                                              "profiles/gpu.yaml is the full GPU schedule)")
-    tr.add_argument("--stage", choices=("all", "1", "2", "3", "eval"), default="all",
-                    help="all, or 1 = VAE, 2 = diffusion, 3 = text-encoder fine-tuning, eval = evaluation "
-                         "(default: all)")
+    tr.add_argument("--stage", choices=stage_choices(), default="all",
+                    help="all, or 1 = VAE, 2 = diffusion, 3 = text-encoder fine-tuning, eval = evaluation, or a "
+                         "stage's name (default: all)")
     tr.add_argument("--experiment-name", help="MLflow experiment to log to (default: mlflow.experiment of the config)")
     tr.add_argument("--vae-checkpoint", help="VAE checkpoint for stages 2 and 3 (default: outputs/vae/best.pt)")
     tr.add_argument("--diffusion-checkpoint",
@@ -238,7 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--out", default="out", help="output folder (default: out/)")
     gen.add_argument("--model", default="models:/pokesprite@champion",
                      help="MLflow model URI (default: models:/pokesprite@champion)")
+    gen.add_argument("--rgb", action="store_true",
+                     help="save RGB PNGs on the background (default: RGBA, the background keyed to transparency)")
+    gen.add_argument("--background", help="the colour the model draws on, made transparent: '#rrggbb' or 'R,G,B' "
+                                           "(default: the model's own, data.background; white)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="a web page that draws sprites from a prompt (Gradio)",
+                         description="Load a model once and serve a page on which to type a prompt, pick seed, "
+                                     "sampling steps, guidance and the number of sprites, and download the PNGs.")
+    srv.add_argument("--model", default="models:/pokesprite@champion",
+                     help="MLflow model URI or a saved pipeline folder, e.g. outputs/finetune/model "
+                          "(default: models:/pokesprite@champion)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    srv.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
+    srv.add_argument("--background", help="the colour the model draws on, made transparent: '#rrggbb' or 'R,G,B' "
+                                           "(default: the model's own, data.background; white)")
+    srv.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="the registered model's versions").add_subparsers(
         dest="models_command", required=True)
@@ -250,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--metrics", default=DEFAULT_LIST_METRICS, help="comma-separated metric columns")
     ls.add_argument("--json", action="store_true", help="print the versions as JSON")
     ls.set_defaults(func=cmd_models_list)
+    from pokesprite.experiments import add_parsers as add_experiment_parsers
+
+    add_experiment_parsers(sub)
     return p
 
 

@@ -11,30 +11,37 @@ run, calls the stage's pure function and writes the stage's metrics (and per-epo
     outputs/finetune/model/      the combined model (pipeline.pt + text_encoder/)
     outputs/reference/           Inception features of the real sprites, the independent scorer
     outputs/evaluate/            the evaluation's sample grid and generated sprites
-    outputs/<stage>/tensorboard/ TensorBoard events (`tensorboard --logdir outputs`)
+    tb/<stage>/<time>_<run>/     TensorBoard events of each run, kept across runs (`tensorboard --logdir tb`)
+    outputs/evaluate/guidance_curve.csv  KID and R-precision per guidance scale (header only without scales)
     metrics/<stage>.json         final metrics of each stage (`dvc metrics show`)
     plots/<stage>.csv            per-epoch metrics of each training stage (`dvc plots show`)
 
 ``POKESPRITE_TRACKING=off`` (``pokesprite train --no-mlflow``) skips MLflow: metrics, plots and
 TensorBoard are still written, nothing is registered. For machines without the project's store.
+
+Which stages exist, what params each reads and what it writes is the table in ``stage_table.py``.
+A training stage's ``resume=`` continues from a checkpoint; ``resume_point`` says whether a retry
+may continue from the ``last.pt`` its failed attempt left (same run, same config).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pokesprite.config import Params, flatten, to_dict
-from pokesprite.lineage import git_commit
-from pokesprite.tracking import MlflowTracker, Tracker, configure_mlflow, ensure_experiment, tracking_enabled
+from pokesprite.tracking import (MlflowTracker, Tracker, start_stage_run, store_lock, tensorboard_run_dir,
+                                 tracking_enabled)
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
-STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
 
 
 class Layout:
@@ -67,8 +74,14 @@ class Layout:
     def alignment_model(self) -> Path:
         return self.alignment_dir / "model.pt"
 
-    def tensorboard(self, stage: str) -> Path:
-        return self.out / "outputs" / stage / "tensorboard"
+    def stage_dir(self, stage: str) -> Path:
+        """outputs/<stage>: where each stage writes (stage_table's ``outs``)."""
+        return self.out / "outputs" / stage
+
+    def tensorboard(self, stage: str, run_id: str | None = None) -> Path:
+        """A new folder for this run's events: tb/<stage>/<time>[_<DVC experiment>][_<run id>], outside
+        the stage's DVC output (which DVC empties before each run), so every run stays in TensorBoard."""
+        return tensorboard_run_dir(self.out, stage, run_id)
 
     @property
     def model_dir(self) -> Path:
@@ -80,6 +93,8 @@ def resolve_device(name: str | None = None) -> torch.device:
 
     On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``).
     """
+    import torch  # here, not at the top: the CLI and the stage table import this module cheaply
+
     name = name or os.environ.get("POKESPRITE_DEVICE", "auto")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
@@ -109,10 +124,31 @@ def write_plot(path: Path, history: dict[str, list[tuple[int, float]]]) -> None:
     os.replace(tmp, path)
 
 
+def stage_params(params: Params, keys: tuple[str, ...]) -> dict:
+    """The values of params.yaml ``keys`` (sections or dotted sub-keys), flattened as MLflow params:
+    ("seed", "evaluate.seed", "text") -> {"seed": 0, "evaluate.seed": 0, "text.model": ..., "text.dim": ...}."""
+    def plain(value):
+        return to_dict(value) if dataclasses.is_dataclass(value) else value
+
+    values = {}
+    for key in keys:
+        value = params
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = plain(value)
+    return flatten(values)
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, sections: tuple[str, ...], layout: Layout, tags: dict | None):
-    """One MLflow run for one stage (the params of the sections it uses, lineage tags); with tracking
-    off, a plain TensorBoard tracker and no run. Per-epoch metrics go to plots/<stage>.csv at the end."""
+def stage_run(stage: str, params: Params, layout: Layout, tags: dict | None):
+    """One MLflow run for one stage, in the project's store even inside DVC's temporary experiment
+    workspace, named "<stage> · <DVC experiment>", with lineage and experiment tags and the params the
+    stage table lists for it and for every stage upstream of it (tracking.start_stage_run); with
+    tracking off, a plain TensorBoard tracker and no run. Per-epoch metrics go to plots/<stage>.csv
+    at the end."""
+    from pokesprite.stage_table import STAGES, upstream  # the table imports this module's functions
+
+    keys = tuple(k for name in (*upstream(stage), stage) for k in STAGES[name].params)
     if not tracking_enabled():
         tracker = Tracker(tensorboard_dir=layout.tensorboard(stage))
         try:
@@ -121,15 +157,8 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...], layout: Lay
             tracker.close()
             write_plot(layout.plots / f"{stage}.csv", tracker.history)
         return
-    import mlflow
-
-    configure_mlflow(layout.root)
-    experiment_id = ensure_experiment(params.mlflow.experiment, layout.root)
-    all_tags = {"stage": stage, **({"git_commit": c} if (c := git_commit(layout.root)) else {}), **(tags or {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
-        tracker = MlflowTracker(tensorboard_dir=layout.tensorboard(stage))
-        tracker.log_params(flatten({s: getattr(params, s) if s == "seed" else to_dict(getattr(params, s))
-                                    for s in sections}))
+    with start_stage_run(stage, params, layout.root, tags, logged=stage_params(params, keys)) as run:
+        tracker = MlflowTracker(tensorboard_dir=layout.tensorboard(stage, run.info.run_id))
         try:
             yield tracker, run
         finally:
@@ -156,7 +185,7 @@ def run_preprocess(params: Params, *, root: str | Path = ".", out: str | Path | 
     from pokesprite.models.text import load_tokenizer
 
     layout, started = Layout(root, out), time.perf_counter()
-    with stage_run("preprocess", params, ("seed", "data", "text"), layout, tags) as (tracker, _):
+    with stage_run("preprocess", params, layout, tags) as (tracker, _):
         stats = preprocess(params.data, raw_dir=layout.raw, out_dir=layout.processed, seed=params.seed,
                            tokenizer=load_tokenizer(params.text.model))
         tracker.log_image(preview_grid(layout.processed), "sprites_train_val_test.png")
@@ -171,12 +200,14 @@ def run_preprocess(params: Params, *, root: str | Path = ".", out: str | Path | 
 def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
                   tags: dict | None = None, device=None) -> dict:
     """Train the CLIP-style scorer of stage 3 on the training split (skipped with a user CLIP checkpoint)."""
+    import torch
+
     from pokesprite.data.dataset import SpriteDataset
     from pokesprite.models.alignment import train_alignment
 
     layout, started = Layout(root, out), time.perf_counter()
     cfg = params.finetune.alignment
-    with stage_run("alignment", params, ("seed", "data", "finetune"), layout, tags) as (tracker, _):
+    with stage_run("alignment", params, layout, tags) as (tracker, _):
         layout.alignment_dir.mkdir(parents=True, exist_ok=True)
         if cfg.clip_checkpoint:
             # Stage 3 scores with the user's open_clip model; nothing to train. The file says so.
@@ -199,6 +230,7 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
 
 def similarity_image(model, images, captions, cell: int = 4):
     """Validation image x caption cosine similarities as a picture: a bright diagonal = aligned."""
+    import torch
     from PIL import Image
 
     from pokesprite.models.alignment import similarity_matrix
@@ -220,12 +252,95 @@ def load_stage_alignment(params: Params, layout: Layout, device):
     return model
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A whole checkpoint (training state included) on the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def replay_history(tracker: Tracker, checkpoint: Path | None) -> None:
+    """Log the epochs a resumed run trained before ``checkpoint`` (its stored history), so that this
+    run's MLflow metrics and plots/<stage>.csv show the whole curve, not only the epochs after it."""
+    if checkpoint is None:
+        return
+    ckpt = read_checkpoint(checkpoint)
+    for entry in ckpt.get("history", []):
+        tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+
+
+def checkpoint_config_matches(stored: dict | None, stage: str, params: Params) -> bool:
+    """Whether a checkpoint's stored stage config is what ``params`` gives now: every key of the
+    stage's own section (vae: model, train, loss, ...) and any whole section stored beside them (text)."""
+    if not isinstance(stored, dict):
+        return False
+    own = to_dict(getattr(params, stage))
+    sections = {f.name for f in dataclasses.fields(params)}
+    if any(key not in stored for key in own):
+        return False
+    for key, value in stored.items():
+        if key in own:
+            current = own[key]
+        elif key in sections:
+            section = getattr(params, key)
+            current = to_dict(section) if dataclasses.is_dataclass(section) else section
+        else:
+            return False  # written by a trainer that stored something this version does not know
+        if value != current:
+            return False
+    return True
+
+
+def resume_point(stage: str, params: Params, layout: Layout, *, not_before: float = 0.0) -> Path | None:
+    """The ``last.pt`` a retry of training ``stage`` continues from, or None to start afresh.
+
+    Only a checkpoint of this stage written at or after ``not_before`` (the first attempt's start:
+    not one left over from an earlier run) by a trainer with the same stage config as ``params``.
+    """
+    path = layout.stage_dir(stage) / "last.pt"
+    if not path.is_file():
+        log.info("%s: no %s to resume from; starting afresh", stage, path)
+        return None
+    if path.stat().st_mtime < not_before:
+        log.info("%s: %s predates this run; starting afresh", stage, path)
+        return None
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != stage or "train" not in ckpt:
+        log.info("%s: %s is not a resumable %s checkpoint; starting afresh", stage, path, stage)
+        return None
+    if not checkpoint_config_matches(ckpt.get("stage_config"), stage, params):
+        log.info("%s: %s was written with another configuration; starting afresh", stage, path)
+        return None
+    log.info("%s: resuming from %s (epoch %d)", stage, path, ckpt["epoch"])
+    return path
+
+
+def resume_hint(stage: str, number: str, layout: Layout, *, params_file: str = "params.yaml",
+                under_dvc: bool = False) -> str:
+    """What to type to continue an interrupted training stage from its last.pt."""
+    path = layout.stage_dir(stage) / "last.pt"
+    if not path.is_file():
+        return f"{stage} was interrupted before its first checkpoint; nothing to resume: run it again."
+    epoch = read_checkpoint(path).get("epoch", "?")
+    flags = [] if params_file == "params.yaml" else ["--config", params_file]
+    if layout.root != Path("."):
+        flags += ["--root", str(layout.root)]
+    if layout.out != layout.root:
+        flags += ["--out", str(layout.out)]
+    command = " ".join(["pokesprite train", *flags, "--stage", number, "--resume", str(path)])
+    hint = f"{stage} was interrupted; {path} holds epoch {epoch}. To continue from it:\n  {command}"
+    if under_dvc:
+        hint += f"\nthen record it and run the stages after it:\n  dvc commit -f {stage} && dvc repro"
+    return hint
+
+
 def run_vae(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
             tags: dict | None = None, device=None, resume: Path | None = None) -> dict:
     from pokesprite.train.vae import train_vae
 
     layout, started = Layout(root, out), time.perf_counter()
-    with stage_run("vae", params, ("seed", "data", "text", "vae"), layout, tags) as (tracker, _):
+    with stage_run("vae", params, layout, tags) as (tracker, _):
+        replay_history(tracker, resume)
         metrics = train_vae(params.vae, params.data, data_dir=layout.processed, out_dir=layout.vae_dir,
                             seed=params.seed, device=resolve_device(device), tracker=tracker,
                             text_cfg=params.text, resume=resume)
@@ -239,7 +354,8 @@ def run_diffusion(params: Params, *, root: str | Path = ".", out: str | Path | N
     from pokesprite.train.diffusion import train_diffusion
 
     layout, started = Layout(root, out), time.perf_counter()
-    with stage_run("diffusion", params, ("seed", "data", "text", "diffusion"), layout, tags) as (tracker, _):
+    with stage_run("diffusion", params, layout, tags) as (tracker, _):
+        replay_history(tracker, resume)
         metrics = train_diffusion(params.diffusion, params.data, params.text, data_dir=layout.processed,
                                   vae_checkpoint=Path(vae_checkpoint or layout.vae_checkpoint),
                                   out_dir=layout.diffusion_dir, seed=params.seed, device=resolve_device(device),
@@ -255,7 +371,8 @@ def run_finetune(params: Params, *, root: str | Path = ".", out: str | Path | No
     from pokesprite.train.finetune import train_finetune
 
     layout, started = Layout(root, out), time.perf_counter()
-    with stage_run("finetune", params, ("seed", "data", "finetune"), layout, tags) as (tracker, _):
+    with stage_run("finetune", params, layout, tags) as (tracker, _):
+        replay_history(tracker, resume)
         dev = resolve_device(device)
         metrics = train_finetune(params.finetune, params.data, data_dir=layout.processed,
                                  vae_checkpoint=Path(vae_checkpoint or layout.vae_checkpoint),
@@ -272,7 +389,7 @@ def run_reference(params: Params, *, root: str | Path = ".", out: str | Path | N
     from pokesprite.evaluation.reference import build_reference
 
     layout, started = Layout(root, out), time.perf_counter()
-    with stage_run("reference", params, ("seed", "data", "evaluate"), layout, tags):
+    with stage_run("reference", params, layout, tags):
         metrics = build_reference(layout.processed, params.data, params.evaluate, out_dir=layout.reference_dir,
                                   device=resolve_device(device))
         return _finish("reference", metrics, layout, started)
@@ -290,7 +407,7 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
 
     layout, started = Layout(root, out), time.perf_counter()
     dev = resolve_device(device)
-    with stage_run("evaluate", params, ("seed", "evaluate", "mlflow"), layout, tags) as (tracker, run):
+    with stage_run("evaluate", params, layout, tags) as (tracker, run):
         pipeline = SpritePipeline.load(layout.model_dir, device=dev)
         before_text = load_diffusion(layout.diffusion_checkpoint, dev)[1]
         result = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
@@ -305,16 +422,20 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
             save_image_atomic(image, layout.evaluate_dir / name)
             tracker.log_image(image, name)
         save_image_atomic(result.images["sample_grid.png"], layout.plots / "sample_grid.png")
+        # Always written (a header only without evaluate.guidance_scales): a dvc.yaml plot reads it.
+        write_curve_csv(result.guidance_curve or [], layout.evaluate_dir / CSV_FILE)
         if result.guidance_curve:
-            write_curve_csv(result.guidance_curve, layout.evaluate_dir / CSV_FILE)
             tracker.log_artifact(layout.evaluate_dir / CSV_FILE)
         if run is not None:
+            import mlflow
+
             from pokesprite.lineage import lineage_tags
             from pokesprite.registry import register_evaluated
 
-            decision = register_evaluated(layout.model_dir, params.mlflow.registered_model, metrics,
-                                          lineage_tags(layout.root, tags, running="evaluate"),
-                                          alignment_tolerance=params.evaluate.alignment_tolerance)
+            with store_lock(mlflow.get_tracking_uri()):  # one champion decision at a time (dvc queue -j N)
+                decision = register_evaluated(layout.model_dir, params.mlflow.registered_model, metrics,
+                                              lineage_tags(layout.root, tags, running="evaluate"),
+                                              alignment_tolerance=params.evaluate.alignment_tolerance)
             log.info("registered %s version %d as %s: %s", params.mlflow.registered_model, decision["version"],
                      decision["alias"], decision["reason"])
             metrics = {**metrics, "registered_version": decision["version"],

@@ -201,9 +201,10 @@ def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
     """)
     out = run([sys.executable, "-c", script], tmp_path, env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [2, 215, 215, 3] and result["dtype"] == "uint8"
+    assert result["shape"] == [2, 215, 215, 4] and result["dtype"] == "uint8"  # RGBA: background keyed out
     # the signature's params default to the trained model's sampling settings (tests/tiny_params.yaml)
-    assert result["params"] == {"seed": 0, "num_steps": 4, "guidance_scale": 2.0, "sampler": "ddpm"}
+    assert result["params"] == {"seed": 0, "num_steps": 4, "guidance_scale": 2.0, "sampler": "ddpm",
+                                "format": "array", "rgb": False, "background": "#ffffff"}
     assert result["ddim_differs"]
     # The package came from the logged model, not from a checkout: the model is self-contained.
     assert "mlruns" in result["code"] and str(ROOT) not in result["code"]
@@ -225,12 +226,13 @@ def test_generate_cli_writes_reproducible_pngs(project):
 
 
 def test_dvc_exp_run_with_a_changed_param(project):
+    """A changed evaluate param re-runs the evaluation only and registers a second version."""
     root, env, _ = project
     from pokesprite.registry import beats, version_metrics
 
-    exp = run(["dvc", "exp", "run", "-S", "finetune.train.epochs=2"], root, env)
-    assert "Running stage 'finetune'" in exp.stdout and "Running stage 'evaluate'" in exp.stdout
-    assert "Running stage 'vae'" not in exp.stdout and "Running stage 'reference'" not in exp.stdout
+    exp = run(["dvc", "exp", "run", "-S", "evaluate.seed=1"], root, env)
+    assert "Running stage 'evaluate'" in exp.stdout
+    assert "Running stage 'finetune'" not in exp.stdout and "Running stage 'reference'" not in exp.stdout
     client = mlflow_client(root)
     assert len(client.search_model_versions("name='pokesprite'")) == 2
     v1, v2 = (client.get_model_version("pokesprite", str(v)) for v in (1, 2))
@@ -277,7 +279,7 @@ def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp
     run(cli + ["--stage", "2", "--experiment-name", "cli-experiment"], root, env)
     ckpt = torch.load(other / "outputs/diffusion/last.pt", weights_only=False)
     assert ckpt["kind"] == "diffusion" and ckpt["epoch"] == 2 and ckpt["vae_checkpoint"].endswith("vae/best.pt")
-    assert (other / "outputs/diffusion/best.pt").is_file() and any((other / "outputs/diffusion/tensorboard").iterdir())
+    assert (other / "outputs/diffusion/best.pt").is_file() and any((other / "tb/diffusion").iterdir())
     client = mlflow_client(other)
     exp = client.get_experiment_by_name("cli-experiment")
     assert [r.data.tags["stage"] for r in client.search_runs([exp.experiment_id])] == ["diffusion"]
