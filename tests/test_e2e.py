@@ -204,7 +204,7 @@ def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
     """)
     out = run([sys.executable, "-c", script], tmp_path, env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [2, 215, 215, 4] and result["dtype"] == "uint8"  # RGBA: background keyed out
+    assert result["shape"] == [2, 215, 215, 3] and result["dtype"] == "uint8"  # arrays stay RGB; PNGs are RGBA
     # the signature's params default to the trained model's sampling settings (tests/tiny_params.yaml)
     assert result["params"] == {"seed": 0, "num_steps": 4, "guidance_scale": 2.0, "sampler": "ddpm",
                                 "format": "array", "rgb": False, "background": "#ffffff"}
@@ -233,7 +233,7 @@ def test_dvc_exp_run_with_a_changed_param(project):
     root, env, _ = project
     from pokesprite.registry import beats, version_metrics
 
-    exp = run(["dvc", "exp", "run", "-S", "evaluate.copy_percentile=2.0"], root, env)
+    exp = run(["dvc", "exp", "run", "-S", "evaluate.grid_seeds=3"], root, env)
     assert "Running stage 'evaluate'" in exp.stdout
     assert "Running stage 'finetune'" not in exp.stdout and "Running stage 'reference'" not in exp.stdout
     client = mlflow_client(root)
