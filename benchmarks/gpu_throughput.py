@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_throughput.py [--config profiles/gpu.yaml] [--device cuda|cpu]
         [--precision bf16|tf32|fp32] [--batch N | --batch vae=N unet=N finetune=N] [--steps 20]
-        [--warmup 5] [--tokens 40] [--channels-last] [--compile] [--json PATH] [--profile-trace DIR]
+        [--warmup 5] [--tokens 40] [--channels-last] [--compile] [--sweep] [--json PATH]
+        [--profile-trace DIR]
 
 One full training step (forward, backward, fused AdamW step) of, on random inputs of the real shapes:
 
@@ -12,6 +13,18 @@ One full training step (forward, backward, fused AdamW step) of, on random input
   trainable) -> frozen U-Net -> one-step x0 -> frozen VAE decoder -> the alignment scorer's frozen
   VGG19 image tower (block 4, average + max pooled, at ``finetune.alignment.image_size``) and a
   linear head -> CLIP loss against fixed caption embeddings, plus the stage-2 consistency loss.
+
+and, without gradients, what the evaluation spends its time on:
+
+* sample: drawing ``evaluate.batch_size`` sprites as the evaluation does: the model's sampling steps
+  (or ``evaluate.steps``) of the U-Net, with classifier-free guidance (the conditional and
+  unconditional halves as one doubled batch), then the VAE decoder, at ``evaluate.precision``;
+  "samples/s" is sprites per second, "step ms" one whole batch. ``gpu/fit_budgets.py`` sizes the
+  evaluation's drawing from it.
+
+cuDNN picks its convolution algorithms by timing them (``cudnn.benchmark``), as pokesprite's
+training does on CUDA. ``--sweep`` measures the vae and unet steps again channels-last, at 4x the
+batch and without ``cudnn.benchmark``, for choosing the profile's memory format and batch sizes.
 
 FLOPs are those of one forward + backward (matrix products and convolutions, attention counted as
 its two batched products, ``torch.utils.flop_counter``); "of peak" divides the achieved rate by the
@@ -52,7 +65,7 @@ from pokesprite.models.vgg import BLOCK_WIDTHS, VGGFeatures, load_vgg, make_laye
 
 TRAIN_SPRITES = 718  # the training split
 SEED_EPOCHS = {"vae": 80, "unet": 500, "finetune": 80}  # the seed's schedule
-STAGES = tuple(SEED_EPOCHS)
+STAGES = (*SEED_EPOCHS, "sample")
 ALIGN_VGG_BLOCKS = 4  # the alignment model's image tower (pokesprite.models.alignment defaults)
 CLIP_SCALE = 1 / 0.07  # CLIP's initial temperature
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -207,6 +220,63 @@ def finetune_stage(p, batch: int, device, args) -> Stage:
     return Stage("finetune", batch, forward, trainable, [text, unet, vae, vgg, head], weights)
 
 
+def sample_stage(p, batch: int, device, args) -> dict:
+    """Drawing one batch as the evaluation does: U-Net steps (guided: doubled batch), then the decoder."""
+    d, e = p.diffusion, p.evaluate
+    steps = e.steps or d.sample.steps
+    guided = d.sample.guidance_scale != 1.0
+    rows = 2 * batch if guided else batch
+    unet = UNet(d.unet, context_dim=p.text.dim).to(device).eval()
+    vae = VAE(p.vae.model).to(device).eval()
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last:
+        unet.to(memory_format=memory)
+        vae.to(memory_format=memory)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, d.unet.latent_channels, 27, 27, device=device)
+    context = torch.randn(rows, args.tokens, p.text.dim, device=device)
+    mask = caption_mask(rows, args.tokens, device, g)
+    t = torch.full((rows,), 500, device=device)
+    scale = d.sample.guidance_scale
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" \
+        else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def unet_step():
+        with autocast:
+            out = unet((torch.cat([x, x]) if guided else x).contiguous(memory_format=memory), t, context, mask)
+        out = out.float()
+        if guided:
+            out = out[:batch] + scale * (out[batch:] - out[:batch])
+        return x - 1e-3 * out  # the sampler's update: elementwise, negligible
+
+    @torch.no_grad()
+    def decode():
+        with autocast:
+            return vae.decode(x.contiguous(memory_format=memory)).float()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
+            unet_step()
+        step_flops = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            decode()
+        decode_flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = time_step(unet_step, device, args.steps, args.warmup)
+    decode_s = time_step(decode, device, max(2, args.steps // 4), min(args.warmup, 2))
+    seconds = steps * step_s + decode_s
+    flops = steps * step_flops + decode_flops
+    result = {"batch": batch, "samples_per_s": batch / seconds, "step_ms": seconds * 1e3,
+              "gflop_per_sample": flops / batch / 1e9, "achieved_tflops": flops / seconds / 1e12,
+              "weights": "-", "trainable_params_m": 0.0, "sampling_steps": steps, "guided": guided,
+              "unet_step_ms": step_s * 1e3, "decode_ms": decode_s * 1e3}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return result
+
+
 # ----------------------------------------------------------------------------- measuring
 
 def synchronize(device) -> None:
@@ -302,6 +372,10 @@ def run_stage(build, p, batch: int, device, args, autocast, matmul: float) -> di
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if build is sample_stage:
+        result = sample_stage(p, batch, device, args)
+        result["fraction_of_matmul_peak"] = result["achieved_tflops"] / matmul
+        return result
     stage = build(p, batch, device, args)
     if args.channels_last:
         for m in stage.modules:
@@ -328,7 +402,7 @@ def run_stage(build, p, batch: int, device, args, autocast, matmul: float) -> di
 def batch_sizes(p, overrides: list[str]) -> dict[str, int]:
     """The profile's batch sizes, overridden by ``N`` (every stage) or ``STAGE=N`` items."""
     sizes = {"vae": p.vae.train.batch_size, "unet": p.diffusion.train.batch_size,
-             "finetune": p.finetune.train.batch_size}
+             "finetune": p.finetune.train.batch_size, "sample": p.evaluate.batch_size}
     for item in overrides:
         name, _, value = item.rpartition("=")
         if name and name not in sizes:
@@ -362,6 +436,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=40, help="caption tokens seen by the U-Net and text encoder")
     ap.add_argument("--channels-last", action="store_true", help="convolutional models and images channels-last")
     ap.add_argument("--compile", action="store_true", help="torch.compile each stage's forward and loss")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also measure the vae and unet steps with channels-last toggled and at 4x the batch")
     ap.add_argument("--matmul-size", type=int, default=0, help="n of the n^3 peak matmuls (0: 8192 GPU, 1024 CPU)")
     ap.add_argument("--random-weights", action="store_true", help="random towers even if pretrained ones exist")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -383,20 +459,58 @@ def main(argv=None) -> dict:
     if args.profile_trace:
         args.profile_trace.mkdir(parents=True, exist_ok=True)
     autocast = set_precision(args.precision, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as pokesprite.stages.resolve_device
     n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     matmul = matmul_tflops(device, args.precision, n)
     print(f"{device_name(device)} | torch {torch.__version__} | {args.precision} | {args.config} | "
           f"channels_last={args.channels_last} compile={args.compile} | matmul {n}^3: {matmul:.3g} TFLOP/s")
-    builders = {"vae": vae_stage, "unet": unet_stage, "finetune": finetune_stage}
+    builders = {"vae": vae_stage, "unet": unet_stage, "finetune": finetune_stage, "sample": sample_stage}
     results = {name: run_stage(builders[name], p, sizes[name], device, args, autocast, matmul)
                for name in args.stages}
+    sweep = []
+    if args.sweep:  # the table is written first, so that a sweep cut short still leaves it
+        write_report(args.json, summarise(args, device, n, matmul, matmul, results, []))
+        sweep = run_sweep(builders, p, sizes, device, args, autocast, matmul)
     # Measured again at the end; the higher of the two is the peak (a busy machine drags one down).
-    matmul_after = matmul_tflops(device, args.precision, n)
-    if matmul_after > matmul:
-        for r in results.values():
-            r["fraction_of_matmul_peak"] = r["achieved_tflops"] / matmul_after
-        print(f"matmul {n}^3 again after the stages: {matmul_after:.3g} TFLOP/s (the peak used below)")
+    report = summarise(args, device, n, matmul, matmul_tflops(device, args.precision, n), results, sweep)
+    write_report(args.json, report)
+    return report
 
+
+def run_sweep(builders, p, sizes: dict, device, args, autocast, matmul: float) -> list[dict]:
+    """vae and unet again with channels-last toggled, at 4x the batch, and without cudnn.benchmark."""
+    sweep = []
+    benchmark = torch.backends.cudnn.benchmark
+    for name in [s for s in ("vae", "unet") if s in args.stages]:
+        for channels_last, batch, cudnn_benchmark in ((not args.channels_last, sizes[name], benchmark),
+                                                      (args.channels_last, 4 * sizes[name], benchmark),
+                                                      (args.channels_last, sizes[name], not benchmark)):
+            variant = argparse.Namespace(**{**vars(args), "channels_last": channels_last})
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            try:
+                r = run_stage(builders[name], p, batch, device, variant, autocast, matmul)
+            except torch.OutOfMemoryError as err:  # a 4x batch may not fit: say so, keep the rest
+                r = {"batch": batch, "error": str(err).splitlines()[0]}
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
+            sweep.append({"stage": name, "channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, **r})
+            what = f"sweep {name:<5} batch {batch:>4} channels_last={channels_last!s:<5} cudnn.benchmark={cudnn_benchmark!s:<5}"
+            if "error" in r:
+                print(f"{what}: {r['error']}")
+            else:
+                print(f"{what} {r['samples_per_s']:>8.1f} samples/s {r['achieved_tflops']:>7.3g} TFLOP/s "
+                      f"{r['fraction_of_matmul_peak']:>7.1%} of peak", flush=True)
+    return sweep
+
+
+def summarise(args, device, n: int, matmul: float, matmul_after: float, results: dict, sweep: list) -> dict:
+    """Print the table and the seed schedule's time at these rates; return the JSON report. The peak is
+    the higher of the two matmul measurements (before and after the stages)."""
+    peak = max(matmul, matmul_after)
+    for r in [*results.values(), *(r for r in sweep if "error" not in r)]:
+        r["fraction_of_matmul_peak"] = r["achieved_tflops"] / peak
+    if matmul_after > matmul:
+        print(f"matmul {n}^3 again after the stages: {matmul_after:.3g} TFLOP/s (the peak used below)")
     header = f"{'stage':<9} {'batch':>5} {'samples/s':>10} {'step ms':>9} {'GFLOP/sample':>13} " \
              f"{'TFLOP/s':>8} {'of peak':>8} {'peak GiB':>9}  weights"
     print(header)
@@ -409,21 +523,25 @@ def main(argv=None) -> dict:
     # The seed's schedule at these rates: every epoch is TRAIN_SPRITES // batch full steps (drop_last),
     # without validation, sampling, checkpoints or data loading.
     schedule = {name: SEED_EPOCHS[name] * (TRAIN_SPRITES // r["batch"]) * r["step_ms"] / 1e3
-                for name, r in results.items()}
+                for name, r in results.items() if name in SEED_EPOCHS}
     print("seed schedule (" + ", ".join(f"{SEED_EPOCHS[k]} {k} epochs" for k in schedule)
           + f" of {TRAIN_SPRITES} sprites): "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in schedule.items()) + f"; total {sum(schedule.values()):.0f} s")
+          + ", ".join(f"{k} {v:.0f} s" for k, v in schedule.items()) + f"; total {sum(schedule.values()):.0f} s",
+          flush=True)
+    return {"device": device_name(device), "torch": torch.__version__, "precision": args.precision,
+            "config": args.config, "channels_last": args.channels_last, "compile": args.compile,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tokens": args.tokens, "steps": args.steps, "warmup": args.warmup,
+            "matmul_size": n, "matmul_tflops": peak, "matmul_tflops_before_after": [matmul, matmul_after],
+            "stages": results, "sweep": sweep, "seed_schedule_s": {**schedule, "total": sum(schedule.values())}}
 
-    report = {"device": device_name(device), "torch": torch.__version__, "precision": args.precision,
-              "config": args.config, "channels_last": args.channels_last, "compile": args.compile,
-              "tokens": args.tokens, "steps": args.steps, "warmup": args.warmup,
-              "matmul_size": n, "matmul_tflops": max(matmul, matmul_after),
-              "matmul_tflops_before_after": [matmul, matmul_after], "stages": results,
-              "seed_schedule_s": {**schedule, "total": sum(schedule.values())}}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+
+def write_report(path: Path | None, report: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
 
 
 if __name__ == "__main__":

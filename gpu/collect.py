@@ -6,7 +6,9 @@ WORK is gpu/run.sh's work folder (logs/, run/ = the train command's --out). Writ
 metrics.json (every stage metric, stage and step wall times, throughput, device, date, versions,
 commit), sample_grid.png, memorisation.png and guidance_curve.png when the run drew them,
 curves.csv (every plots/*.csv with a stage column), logs.txt (the tail of each step's log) and
-checkpoints.tar (the checkpoints that fit, most useful first).
+checkpoints.tar (the checkpoints that fit, most useful first). With run.sh's --variant (WORK/variant):
+its metrics under "variant" in metrics.json, its curves as stages variant_<stage>, and its grid as
+variant_sample_grid.png.
 """
 from __future__ import annotations
 
@@ -70,13 +72,14 @@ def environment(repo: Path, bundle: Path) -> dict:
                                    for k, e in manifest.get("restored", {}).items() if k != "data"}}
 
 
-def merge_curves(plots: Path, dest: Path) -> int:
-    """plots/<stage>.csv (epoch, metric columns) -> one table with a stage column."""
+def merge_curves(plots: dict[str, Path], dest: Path) -> int:
+    """{prefix: plots folder} of plots/<stage>.csv (epoch, metric columns) -> one table with a stage
+    column (prefix + stage)."""
     rows, columns = [], ["stage", "epoch"]
-    for path in sorted(plots.glob("*.csv")):
+    for path, prefix in sorted((p, prefix) for prefix, folder in plots.items() for p in folder.glob("*.csv")):
         with path.open() as f:
             for row in csv.DictReader(f):
-                rows.append({"stage": path.stem, **row})
+                rows.append({"stage": prefix + path.stem, **row})
                 columns += [c for c in row if c not in columns]
     if rows:
         with dest.open("w", newline="") as f:
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
 
     stage_metrics = {p.stem: read_json(p) for p in sorted((run / "metrics").glob("*.json"))}
     report = {**environment(repo, repo / "gpu" / "bundle"), "config": args.config,
-              "fitted_budgets": read_json(args.work / "fitted_budgets.json"),
+              "fitted_budgets": read_json(args.work / "fitted_config.json"),
               "steps": steps_table(logs),
               "stage_wall_seconds": {s: m.get("wall_seconds") for s, m in stage_metrics.items()},
               "metrics": stage_metrics, "throughput": read_json(logs / "throughput.json")}
@@ -135,7 +138,17 @@ def main(argv=None) -> int:
         found = [p for p in (run / "outputs/evaluate" / name, run / "plots" / name) if p.is_file()]
         if found and found[0].stat().st_size <= MAX_BYTES:
             shutil.copyfile(found[0], args.out / name)
-    report["curve_rows"] = merge_curves(run / "plots", args.out / "curves.csv")
+    plots = {"": run / "plots"}
+    variant = args.work / "variant"
+    if variant.is_dir():
+        report["variant"] = {"set": read_json(args.work / "fitted_variant.json").get("set"),
+                             "metrics": {p.stem: read_json(p) for p in sorted((variant / "metrics").glob("*.json"))}}
+        found = [p for p in (variant / "outputs/evaluate/sample_grid.png", variant / "plots/sample_grid.png")
+                 if p.is_file()]
+        if found and found[0].stat().st_size <= MAX_BYTES:
+            shutil.copyfile(found[0], args.out / "variant_sample_grid.png")
+        plots["variant_"] = variant / "plots"
+    report["curve_rows"] = merge_curves(plots, args.out / "curves.csv")
     report["checkpoints"] = pack_checkpoints(run, args.out / "checkpoints.tar")
     log_tails(logs, args.out / "logs.txt")
     (args.out / "metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -28,5 +28,7 @@ done
 
 cd "$DIR/repo"
 PYTHON=$DIR/venv/bin/python WORK=$DIR/work gpu/run.sh "$DIR/out" --config tests/tiny_params.yaml \
-  --device cpu --precision fp32 --sprites 16 --budget 900 --bench-seconds 300 --bench-args "--steps 2 --warmup 1 --matmul-size 256"
+  --device cpu --precision fp32 --sprites 16 --budget 1200 --bench-seconds 300 \
+  --bench-args "--steps 2 --warmup 1 --matmul-size 256 --sweep" \
+  --variant "diffusion.prediction=v diffusion.min_snr_gamma=5.0"
 ls -l "$DIR/out"

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # One command for a GPU slot, run from the repository root with gpu/bundle/ beside it (see README.md):
 #   gpu/run.sh OUT [--config F] [--device D] [--precision P] [--sprites N] [--budget S]
-#                  [--bench-seconds S] [--bench-args "..."] [--overhead S]
+#                  [--bench-seconds S] [--bench-args "..."] [--overhead S] [--variant "KEY=VALUE ..."]
 # restores the bundle, measures training throughput, trains and evaluates every stage
 # (pokesprite train --stage all --no-mlflow) and leaves at most 8 files in OUT (gpu/collect.py).
 # The whole run ends within --budget seconds (default 480): the benchmark gets at most
-# --bench-seconds, the profile's training budgets are scaled to the time left (gpu/fit_budgets.py)
-# and a timeout stops whatever still overruns, keeping time for the collection.
+# --bench-seconds, the profile's training budgets and evaluation size are fitted to the time left
+# (gpu/fit_budgets.py) and a timeout stops whatever still overruns, keeping time for the collection.
+# --variant: once the VAE is trained, a second diffusion + fine-tuning run with these keys changed
+# (the same budgets and seed, sharing the VAE) trains beside the main one on the same device, and
+# is evaluated on the held-out set only: a same-budget comparison of a recipe change.
 set -euo pipefail
 
 OUT=$(realpath -m "${1:?usage: gpu/run.sh OUT [options]}"); shift
-CONFIG=profiles/gpu.yaml DEVICE=cuda PRECISION=bf16 SPRITES=0 BUDGET=480 BENCH_S=90 BENCH_ARGS="" OVERHEAD=180
+CONFIG=profiles/gpu.yaml DEVICE=cuda PRECISION=bf16 SPRITES=0 BUDGET=480 BENCH_S=90 BENCH_ARGS="" OVERHEAD=130
+VARIANT=""
 while (($#)); do
   case $1 in
     --config) CONFIG=$2 ;;        --device) DEVICE=$2 ;;          --precision) PRECISION=$2 ;;
     --sprites) SPRITES=$2 ;;      --budget) BUDGET=$2 ;;          --bench-seconds) BENCH_S=$2 ;;
-    --bench-args) BENCH_ARGS=$2 ;; --overhead) OVERHEAD=$2 ;;
+    --bench-args) BENCH_ARGS=$2 ;; --overhead) OVERHEAD=$2 ;;      --variant) VARIANT=$2 ;;
     *) echo "gpu/run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift 2
@@ -63,9 +67,29 @@ if ((status == 0)); then
     step throughput "$limit" "$PY" benchmarks/gpu_throughput.py --config "$CONFIG" --device "$DEVICE" \
       --precision "$PRECISION" --json "$LOGS/throughput.json" $BENCH_ARGS || true
   fi
-  "$PY" gpu/fit_budgets.py "$CONFIG" "$WORK/config.yaml" "$(left)" --overhead "$OVERHEAD"
+  "$PY" gpu/fit_budgets.py "$CONFIG" "$WORK/config.yaml" "$(left)" --overhead "$OVERHEAD" \
+    --throughput "$LOGS/throughput.json" --fallback-rate 10
+  if [[ -n $VARIANT ]]; then
+    # shellcheck disable=SC2086  # VARIANT holds several KEY=VALUE words
+    "$PY" gpu/fit_budgets.py "$WORK/config.yaml" "$WORK/variant.yaml" 0 --set $VARIANT \
+      evaluate.fid_samples=0 "evaluate.guidance_scales=[]" || VARIANT=""
+  fi
+  if [[ -n $VARIANT ]]; then
+    step variant "$(($(left) - 15))" bash -c '
+      while [[ ! -f $WORK/run/metrics/vae.json ]]; do  # the main run trains the VAE first
+        [[ -f $WORK/train.done ]] && { echo "the main run ended without a VAE"; exit 1; }; sleep 2
+      done
+      mkdir -p "$WORK/variant/outputs"
+      for d in preprocess reference alignment vae; do ln -s "$WORK/run/outputs/$d" "$WORK/variant/outputs/$d"; done
+      for stage in diffusion finetune evaluate; do
+        "$0" -m pokesprite.cli train --config "$WORK/variant.yaml" --stage $stage --root "$WORK" \
+          --out "$WORK/variant" --device "$1" --no-mlflow || exit
+      done' "$PY" "$DEVICE" &
+  fi
   step train "$(left)" "$PY" -m pokesprite.cli train --config "$WORK/config.yaml" --stage all \
     --root "$WORK" --out "$WORK/run" --device "$DEVICE" --no-mlflow || status=$?
+  touch "$WORK/train.done"
+  wait || true  # the variant, if any (its own limit ends it in time)
 fi
 RESERVE=0
 limit=$(left); ((limit < 30)) && limit=30  # the collection runs whatever happened before

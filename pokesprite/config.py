@@ -289,8 +289,13 @@ class EvaluateConfig:
     # Guidance curve: KID and independent R-precision of the held-out set drawn at each of these
     # classifier-free guidance scales (e.g. [1, 2, 3, 5, 7]); empty = off.
     guidance_scales: tuple[float, ...] = ()
+    # Arithmetic of the U-Net and decoder while drawing: fp32, or bf16 autocast (for a GPU; the
+    # sampler's update stays fp32).
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"evaluate.precision must be fp32 or bf16, got {self.precision!r}")
         if self.fid_samples < 0 or self.fid_samples == 1:
             raise ConfigError(f"evaluate.fid_samples must be 0 (off) or at least 2, got {self.fid_samples}")
         if not 0.0 <= self.copy_percentile <= 100.0:

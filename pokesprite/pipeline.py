@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -38,7 +40,7 @@ def guided_output(unet, x, t, context, mask, uncond_context, uncond_mask, scale:
     n = x.shape[0]
     out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context]),
                torch.cat([uncond_mask, mask]))
-    out_u, out_c = out[:n], out[n:]
+    out_u, out_c = out[:n].float(), out[n:].float()  # combined in fp32 under autocast too
     return out_u + scale * (out_c - out_u)
 
 
@@ -57,11 +59,15 @@ class SpritePipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
-                 guidance_scale: float | None = None, sampler: str | None = None) -> np.ndarray:
+                 guidance_scale: float | None = None, sampler: str | None = None,
+                 precision: str = "fp32") -> np.ndarray:
         """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
 
-        ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``.
+        ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``. ``precision="bf16"``
+        runs the U-Net and the decoder under bf16 autocast; the sampler's update stays fp32.
         """
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -73,6 +79,8 @@ class SpritePipeline:
             m.eval()
         try:
             device, n = self.device, len(prompts)
+            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                        else contextlib.nullcontext())
             g = torch.Generator().manual_seed(int(seed))
             tok = self.text.tokenize(prompts, device)
             context, mask = self.text(**tok), tok["attention_mask"]  # (N, L, dim), (N, L)
@@ -86,12 +94,14 @@ class SpritePipeline:
             x = torch.randn((n, c, s, s), generator=g).to(device)
             for i, t in enumerate(sampler_.timesteps):
                 t = t.repeat(n).to(device)
-                if scale == 1.0:
-                    out = self.unet(x, t, context, mask)  # eps or v, as self.prediction says
-                else:
-                    out = guided_output(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
-                x = sampler_.step(out, i, x, generator=g)
-            images = self.decode(x, tok)
+                with autocast:
+                    if scale == 1.0:
+                        out = self.unet(x, t, context, mask)  # eps or v, as self.prediction says
+                    else:
+                        out = guided_output(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
+                x = sampler_.step(out.float(), i, x, generator=g)
+            with autocast:
+                images = self.decode(x, tok).float()
             return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         finally:
             for m, mode in zip(modules, was_training):

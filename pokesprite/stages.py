@@ -91,7 +91,9 @@ class Layout:
 def resolve_device(name: str | None = None) -> torch.device:
     """``auto`` (the default, or $POKESPRITE_DEVICE) picks CUDA when present, else the CPU.
 
-    On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``).
+    On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``)
+    and cuDNN picks its convolution algorithms by timing them (``cudnn.benchmark``: every training
+    batch has the same shape, so the few shapes are timed once each).
     """
     import torch  # here, not at the top: the CLI and the stage table import this module cheaply
 
@@ -99,6 +101,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
     return device
 
 

@@ -76,10 +76,12 @@ def test_configs_are_frozen():
         p.vae.train.epochs = 3
 
 
-def test_gpu_profile_is_valid_and_runs_the_seeds_schedule():
+def test_gpu_profile_is_valid_and_covers_the_seeds_schedule():
     from pathlib import Path
 
     p = load_params(Path(__file__).parents[1] / "profiles" / "gpu.yaml")
-    assert (p.vae.train.epochs, p.diffusion.train.epochs, p.finetune.train.epochs) == (80, 500, 80)
+    # At least the seed's 80 / 500 / 80 epochs, as upper bounds under each stage's time budget.
+    assert p.vae.train.epochs >= 80 and p.diffusion.train.epochs >= 500 and p.finetune.train.epochs >= 80
+    assert min(p.vae.train.max_minutes, p.diffusion.train.max_minutes, p.finetune.train.max_minutes) > 0
     assert (p.vae.train.warmup_frac, p.diffusion.train.grad_clip, p.finetune.train.lr) == (0.1, 0.7, 5e-5)
     assert p.vae.loss.kl_weight == 0.1 and p.vae.loss.kl_anneal_epochs == 20 and p.vae.loss.free_bits == 0.5

@@ -439,3 +439,25 @@ def test_saved_pipeline_keeps_its_prediction_and_old_ones_load_as_eps(tiny_text_
     del saved["prediction"]  # as written before v-prediction existed
     torch.save(saved, path / PIPELINE_FILE)
     assert SpritePipeline.load(path).prediction == "eps"
+
+
+def test_pipeline_draws_in_bf16_close_to_fp32(tiny_text_dir):
+    """precision="bf16" autocasts the U-Net and decoder: same shapes, pixels within a few levels of fp32."""
+    from pokesprite.config import SampleConfig, UNetConfig, VAEConfig
+    from pokesprite.models.text import TextEncoder
+    from pokesprite.models.unet import UNet
+    from pokesprite.models.vae import VAE
+    from pokesprite.pipeline import SpritePipeline
+
+    torch.manual_seed(0)
+    pipe = SpritePipeline(VAE(VAEConfig(channels=(8, 8, 8, 8))), UNet(UNetConfig(**TINY_UNET), context_dim=8),
+                          TextEncoder.from_pretrained(str(tiny_text_dir), dim=8, max_tokens=16),
+                          NoiseSchedule(ScheduleConfig()), latent_scale=1.0,
+                          sample=SampleConfig(sampler="ddim", steps=4, guidance_scale=3.0))
+    fp32 = pipe(["a red bird", "a blue fish"], seed=3).astype(int)
+    bf16 = pipe(["a red bird", "a blue fish"], seed=3, precision="bf16").astype(int)
+    assert bf16.shape == fp32.shape == (2, 215, 215, 3)
+    diff = abs(bf16 - fp32)
+    assert 0 < diff.mean() < 2.0 and diff.max() <= 16  # bf16 changes values, by little
+    with pytest.raises(ValueError, match="precision"):
+        pipe(["a red bird"], precision="fp16")

@@ -141,12 +141,12 @@ def test_bad_train_config_is_refused():
 
 
 def test_time_budget_trains_fewer_epochs_and_still_anneals(tmp_path, monkeypatch):
-    """max_minutes: the first epoch's time decides how many epochs run; the LR schedule is re-fitted to them."""
+    """max_minutes: the second epoch's time decides how many epochs run; the LR schedule is re-fitted to them."""
     from pokesprite.train import loop
 
     clock = {"t": 0.0}
 
-    def fake_clock():  # every call advances 20 s: the first epoch "takes" 20 s, so 3 fit a minute
+    def fake_clock():  # every call advances 20 s: each epoch "takes" 20 s, so 3 fit a minute
         clock["t"] += 20.0
         return clock["t"]
 
@@ -158,6 +158,18 @@ def test_time_budget_trains_fewer_epochs_and_still_anneals(tmp_path, monkeypatch
     assert result.history[-1]["lr"] < 1e-3 * budget.lr  # annealed to ~0 at the shortened end
     full = fit(toy_stage(), cfg(epochs=10), out_dir=tmp_path / "full")
     assert len(full.history) == 10  # no budget: every epoch
+
+
+@pytest.mark.parametrize("first, expected", [(40.0, 5), (70.0, 1)])
+def test_time_budget_is_not_shrunk_by_a_slow_first_epoch(tmp_path, monkeypatch, first, expected):
+    """A first epoch of 40 s (warm-up) then 5 s epochs: 45 s after two, 3 more fit the minute. A first
+    epoch that alone overruns the budget ends training there."""
+    from pokesprite.train import loop
+
+    times = iter([0.0, first] + [first + 5.0 * k for k in range(1, 20)])  # one clock read per epoch
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(times))
+    result = fit(toy_stage(), cfg(epochs=10, max_minutes=1.0), out_dir=tmp_path)
+    assert len(result.history) == expected
 
 
 def test_save_every_holds_best_in_memory_and_writes_it_at_the_next_save(tmp_path):

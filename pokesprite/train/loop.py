@@ -95,11 +95,13 @@ def make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int | No
         pct_start=cfg.warmup_frac, anneal_strategy="cos", cycle_momentum=False)
 
 
-def epochs_within_budget(cfg: TrainConfig, epoch_seconds: float, done: int) -> int:
-    """How many epochs fit ``cfg.max_minutes`` at ``epoch_seconds`` each (at least ``done``, at most ``cfg.epochs``)."""
+def epochs_within_budget(cfg: TrainConfig, elapsed: float, epoch_seconds: float, done: int) -> int:
+    """How many epochs fit ``cfg.max_minutes``: the ``done`` ones, which took ``elapsed`` seconds, and as
+    many more of ``epoch_seconds`` as the rest holds (at least ``done``, at most ``cfg.epochs``)."""
     if cfg.max_minutes <= 0 or epoch_seconds <= 0:
         return cfg.epochs
-    return max(done, min(cfg.epochs, int(cfg.max_minutes * 60 // epoch_seconds)))
+    more = int(max(cfg.max_minutes * 60 - elapsed, 0.0) // epoch_seconds)
+    return max(done, min(cfg.epochs, done + more))
 
 
 class EpochSums:
@@ -184,6 +186,7 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
     step = (start - 1) * stage.steps_per_epoch
     bar = progress(None, desc=f"{stage.name} epochs", initial=start - 1, total=epochs)
     epoch, started = start - 1, time.perf_counter()
+    epoch_began = started
     pending_best = None
     while epoch < epochs:
         epoch += 1
@@ -230,14 +233,18 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
                 stage.on_epoch_end(epoch, metrics)
             exported = clone_tensors(stage.export())  # copies: the EMA context swaps weights back on exit
         bar.update(1)
-        if epoch == start and cfg.max_minutes > 0:
-            fitting = epochs_within_budget(cfg, time.perf_counter() - started, epoch)
+        now = time.perf_counter()
+        # The time budget: the second epoch's time decides (the first one also pays for warm-up:
+        # kernel selection, lazy initialisation, caches), unless the first alone used up the budget.
+        if cfg.max_minutes > 0 and (epoch == start + 1 or epoch == start and now - started >= cfg.max_minutes * 60):
+            fitting = epochs_within_budget(cfg, now - started, now - epoch_began, epoch)
             if fitting < epochs:
-                log.warning("%s: %d epochs do not fit max_minutes=%g at %.1f s per epoch; training %d",
-                            stage.name, epochs, cfg.max_minutes, time.perf_counter() - started, fitting)
+                log.warning("%s: %d epochs do not fit max_minutes=%g at %.2f s per epoch; training %d",
+                            stage.name, epochs, cfg.max_minutes, now - epoch_began, fitting)
                 epochs = fitting
                 sched = refit_scheduler(opt, cfg, stage.steps_per_epoch, epochs, step)
                 bar.total = epochs
+        epoch_began = now
         ckpt = checkpoint(epoch, exported)
         flush = cfg.save_every <= 1 or epoch % cfg.save_every == 0 or epoch == epochs
         if improved:
