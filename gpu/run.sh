@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One command for a GPU slot, run from the repository root with gpu/bundle/ beside it (see README.md):
 #   gpu/run.sh OUT [--config F] [--device D] [--precision P] [--sprites N] [--budget S]
-#                  [--bench-seconds S] [--bench-args "..."] [--overhead S] [--variant "KEY=VALUE ..."]
+#                  [--bench-seconds S] [--bench-args "..."] [--throughput JSON] [--overhead S]
+#                  [--eval-share F] [--variant "KEY=VALUE ..."]
 # restores the bundle, measures training throughput, trains and evaluates every stage
 # (pokesprite train --stage all --no-mlflow) and leaves at most 8 files in OUT (gpu/collect.py).
 # The whole run ends within --budget seconds (default 480): the benchmark gets at most
 # --bench-seconds, the profile's training budgets and evaluation size are fitted to the time left
 # (gpu/fit_budgets.py) and a timeout stops whatever still overruns, keeping time for the collection.
+# --throughput JSON: an earlier benchmark's report instead of measuring again (the benchmark is skipped).
 # --variant: once the VAE is trained, a second diffusion + fine-tuning run with these keys changed
 # (the same budgets and seed, sharing the VAE) trains beside the main one on the same device, and
 # is evaluated on the held-out set only: a same-budget comparison of a recipe change.
@@ -14,12 +16,13 @@ set -euo pipefail
 
 OUT=$(realpath -m "${1:?usage: gpu/run.sh OUT [options]}"); shift
 CONFIG=profiles/gpu.yaml DEVICE=cuda PRECISION=bf16 SPRITES=0 BUDGET=480 BENCH_S=90 BENCH_ARGS="" OVERHEAD=130
-VARIANT=""
+VARIANT="" THROUGHPUT="" EVAL_SHARE=0.35
 while (($#)); do
   case $1 in
     --config) CONFIG=$2 ;;        --device) DEVICE=$2 ;;          --precision) PRECISION=$2 ;;
     --sprites) SPRITES=$2 ;;      --budget) BUDGET=$2 ;;          --bench-seconds) BENCH_S=$2 ;;
     --bench-args) BENCH_ARGS=$2 ;; --overhead) OVERHEAD=$2 ;;      --variant) VARIANT=$2 ;;
+    --throughput) THROUGHPUT=$2 ;; --eval-share) EVAL_SHARE=$2 ;;
     *) echo "gpu/run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift 2
@@ -61,14 +64,16 @@ for name in ("mlflow", "prefect", "dvc"):
     print(f"{name:20}", "installed (not used)" if importlib.util.find_spec(name) else "absent")
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())' || status=$?
 if ((status == 0)); then
-  if [[ -f benchmarks/gpu_throughput.py ]]; then
+  if [[ -n $THROUGHPUT ]]; then
+    cp "$THROUGHPUT" "$LOGS/throughput.json"
+  elif [[ -f benchmarks/gpu_throughput.py ]]; then
     limit=$(left); ((limit > BENCH_S)) && limit=$BENCH_S
     # shellcheck disable=SC2086  # BENCH_ARGS holds several words
     step throughput "$limit" "$PY" benchmarks/gpu_throughput.py --config "$CONFIG" --device "$DEVICE" \
       --precision "$PRECISION" --json "$LOGS/throughput.json" $BENCH_ARGS || true
   fi
   "$PY" gpu/fit_budgets.py "$CONFIG" "$WORK/config.yaml" "$(left)" --overhead "$OVERHEAD" \
-    --throughput "$LOGS/throughput.json" --fallback-rate 10
+    --throughput "$LOGS/throughput.json" --fallback-rate 10 --eval-share "$EVAL_SHARE"
   if [[ -n $VARIANT ]]; then
     # shellcheck disable=SC2086  # VARIANT holds several KEY=VALUE words
     "$PY" gpu/fit_budgets.py "$WORK/config.yaml" "$WORK/variant.yaml" 0 --set $VARIANT \

@@ -166,14 +166,15 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_hidden(self, captions: list[str], *, batch_size: int = 64, device="cpu"):
-        """Frozen transformer features for many captions: (N, L, hidden) and mask (N, L)."""
+        """Frozen transformer features for many captions: (N, L, hidden) and mask (N, L), on ``device``
+        (where the transformer must be)."""
         was_training = self.training
         self.eval()
         feats, masks = [], []
         for i in range(0, len(captions), batch_size):
             tok = self.tokenize(captions[i:i + batch_size], device)
-            feats.append(self.hidden_states(**tok).cpu())
-            masks.append(tok["attention_mask"].cpu())
+            feats.append(self.hidden_states(**tok))
+            masks.append(tok["attention_mask"])
         self.train(was_training)
         return torch.cat(feats), torch.cat(masks)
 

@@ -55,7 +55,7 @@ class LatentCache:
     def __init__(self, vae, text: TextEncoder, dataset: SpriteDataset, device, *, latent_scale: float):
         mean, logvar = encode_latents(vae, dataset, device)
         self.mean, self.logvar = mean.to(device), logvar.to(device)
-        self.hidden, self.mask = text.encode_hidden(dataset.captions, device=device)
+        self.hidden, self.mask = text.encode_hidden(dataset.captions, device=device)  # on the device too
         self.captions = dataset.captions
         self.latent_scale = latent_scale
 

@@ -45,7 +45,7 @@ class CaptionFeatures:
     def __init__(self, text_cfg: TextConfig, captions: list[str], device):
         from pokesprite.models.text import TextEncoder
 
-        text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
+        text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens).to(device)
         self.hidden, self.mask = text.encode_hidden(captions, device=device)
         self.dim = text.hidden
         self.device = device
