@@ -22,9 +22,9 @@ and, without gradients, what the evaluation spends its time on:
   "samples/s" is sprites per second, "step ms" one whole batch. ``gpu/fit_budgets.py`` sizes the
   evaluation's drawing from it.
 
-cuDNN picks its convolution algorithms by timing them (``cudnn.benchmark``), as pokesprite's
-training does on CUDA. ``--sweep`` measures the vae and unet steps again channels-last, at 4x the
-batch and without ``cudnn.benchmark``, for choosing the profile's memory format and batch sizes.
+``--sweep`` measures the vae and unet steps again channels-last, at 4x the batch and with cuDNN
+timing its convolution algorithms (``cudnn.benchmark``, off in pokesprite's training), for choosing
+the profile's memory format, batch sizes and that setting.
 
 FLOPs are those of one forward + backward (matrix products and convolutions, attention counted as
 its two batched products, ``torch.utils.flop_counter``); "of peak" divides the achieved rate by the
@@ -459,7 +459,7 @@ def main(argv=None) -> dict:
     if args.profile_trace:
         args.profile_trace.mkdir(parents=True, exist_ok=True)
     autocast = set_precision(args.precision, device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # as pokesprite.stages.resolve_device
+    torch.backends.cudnn.benchmark = False  # as pokesprite.stages.resolve_device
     n = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     matmul = matmul_tflops(device, args.precision, n)
     print(f"{device_name(device)} | torch {torch.__version__} | {args.precision} | {args.config} | "
@@ -478,7 +478,7 @@ def main(argv=None) -> dict:
 
 
 def run_sweep(builders, p, sizes: dict, device, args, autocast, matmul: float) -> list[dict]:
-    """vae and unet again with channels-last toggled, at 4x the batch, and without cudnn.benchmark."""
+    """vae and unet again with channels-last toggled, at 4x the batch, and with cudnn.benchmark toggled."""
     sweep = []
     benchmark = torch.backends.cudnn.benchmark
     for name in [s for s in ("vae", "unet") if s in args.stages]:

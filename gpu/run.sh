@@ -15,7 +15,7 @@
 set -euo pipefail
 
 OUT=$(realpath -m "${1:?usage: gpu/run.sh OUT [options]}"); shift
-CONFIG=profiles/gpu.yaml DEVICE=cuda PRECISION=bf16 SPRITES=0 BUDGET=480 BENCH_S=90 BENCH_ARGS="" OVERHEAD=130
+CONFIG=profiles/gpu.yaml DEVICE=cuda PRECISION=bf16 SPRITES=0 BUDGET=480 BENCH_S=90 BENCH_ARGS="" OVERHEAD=180
 VARIANT="" THROUGHPUT="" EVAL_SHARE=0.35
 while (($#)); do
   case $1 in

@@ -91,3 +91,22 @@ def noise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str,
         raise ValueError(f"noise_loss: weight must have one entry per sample {tuple(per_sample.shape)}, "
                          f"got {tuple(weight.shape)}")
     return (weight.to(per_sample.dtype) * per_sample).mean()
+
+
+def masked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+                     keep: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021; open_clip's ``ClipLoss``) over the rows
+    where ``keep`` is true, computed on all N rows: shapes never depend on ``keep`` and nothing is read
+    on the host. 0 when fewer than two rows are kept (a contrastive loss needs two pairs).
+
+    Left-out rows and columns get a logit of -1e4 instead of -inf, so that no softmax is over -inf
+    alone (its gradient would be NaN); with logits of at most |scale| <= 100 they weigh exp(-1e4) = 0.
+    """
+    logits = scale * image_emb.float() @ text_emb.float().T  # (N, N): image i against caption j
+    pair = keep[:, None] & keep[None, :]
+    logits = logits.masked_fill(~pair, -1e4)
+    diag = logits.diagonal()
+    per_row = (torch.logsumexp(logits, dim=1) - diag + torch.logsumexp(logits, dim=0) - diag) / 2
+    kept = keep.sum()
+    loss = torch.where(keep, per_row, torch.zeros_like(per_row)).sum() / kept.clamp(min=1)
+    return torch.where(kept >= 2, loss, torch.zeros_like(loss))

@@ -91,9 +91,10 @@ class Layout:
 def resolve_device(name: str | None = None) -> torch.device:
     """``auto`` (the default, or $POKESPRITE_DEVICE) picks CUDA when present, else the CPU.
 
-    On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``)
-    and cuDNN picks its convolution algorithms by timing them (``cudnn.benchmark``: every training
-    batch has the same shape, so the few shapes are timed once each).
+    On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``).
+    ``cudnn.benchmark`` stays off: on an H200 it did not speed up the VAE step (277.8 against 277.7
+    sprites/s, reports/gpu/throughput.json), while every new shape (a last short batch, the
+    evaluation's batch sizes, one-sprite grids) pays for timing each convolution's algorithms again.
     """
     import torch  # here, not at the top: the CLI and the stage table import this module cheaply
 
@@ -101,7 +102,6 @@ def resolve_device(name: str | None = None) -> torch.device:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.benchmark = True
     return device
 
 

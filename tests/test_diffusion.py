@@ -372,9 +372,13 @@ def test_one_step_objective_follows_the_prediction(prediction):
     obj = OneStepObjective(pipe, align, ["a", "b", "c", "d"], torch.randn(4, 8, generator=g),
                            FinetuneStageConfig(), loss_kind="mse", cond_drop_prob=0.0, device="cpu",
                            min_snr_gamma=5.0)
-    _, consistency, _, idx = obj((mean, logvar, torch.arange(4)), torch.Generator().manual_seed(1), train=False)
+    _, consistency, _, keep = obj((mean, logvar, torch.arange(4)), torch.Generator().manual_seed(1), train=False)
     assert consistency.item() < 1e-10
-    assert idx.tolist() == [0, 1, 2, 3] and torch.allclose(decoded[0], mean, atol=1e-5)
+    assert keep.tolist() == [True] * 4 and torch.allclose(decoded[0], mean, atol=1e-5)
+    # Every caption dropped: every row is still drawn (static shapes), and no pair is left to align.
+    obj.cond_drop_prob = 1.0
+    alignment, _, emb, keep = obj((mean, logvar, torch.arange(4)), torch.Generator().manual_seed(1), train=True)
+    assert emb.shape == (4, 8) and decoded[-1].shape[0] == 4 and not keep.any() and alignment.item() == 0.0
 
 
 # --- checkpoints and saved pipelines written before v-prediction load as eps ---

@@ -215,3 +215,23 @@ def test_perceptual_loss_under_bf16_autocast_matches_fp32(vgg19):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = loss(a, b)
     assert torch.isfinite(bf16) and bf16.item() == pytest.approx(fp32.item(), rel=0.05)
+
+
+def test_masked_clip_loss_is_open_clips_loss_on_the_kept_rows():
+    from open_clip.loss import ClipLoss
+
+    from pokesprite.losses import masked_clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    scale = torch.tensor(20.0)
+    every = torch.ones(6, dtype=torch.bool)
+    assert torch.allclose(masked_clip_loss(img, txt, scale, every), ClipLoss()(img, txt, scale), atol=1e-5)
+    keep = torch.tensor([True, False, True, True, False, True])
+    loss = masked_clip_loss(img, txt, scale, keep)
+    assert torch.allclose(loss, ClipLoss()(img[keep], txt[keep], scale), atol=1e-5)
+    loss.backward()
+    assert torch.isfinite(img.grad).all() and img.grad[~keep].abs().max() == 0  # left-out rows get no gradient
+    one = torch.tensor([False, False, True, False, False, False])
+    assert masked_clip_loss(img, txt, scale, one).item() == 0.0  # one pair: nothing to contrast

@@ -20,11 +20,10 @@ import logging
 from pathlib import Path
 
 import torch
-from open_clip.loss import ClipLoss
 
 from pokesprite.config import DataConfig, FinetuneStageConfig, SampleConfig, from_dict, to_dict
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.losses import noise_loss
+from pokesprite.losses import masked_clip_loss, noise_loss
 from pokesprite.models.alignment import r_precision, retrieval_accuracy
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
@@ -68,13 +67,15 @@ class OneStepObjective:
         self.captions, self.caption_emb = captions, caption_embeddings.to(device)
         self.loss_kind, self.cond_drop_prob, self.device = loss_kind, cond_drop_prob, device
         self.min_snr_gamma = min_snr_gamma
-        self.clip_loss = ClipLoss()
         # Every caption and "" tokenized once, on the device: a step indexes them (no tokenizer in the loop).
         self.tokens = pipeline.text.tokenize(list(captions), device)
         self.empty = pipeline.text.tokenize([""], device)
 
     def __call__(self, batch, generator, *, train: bool):
-        """Returns (alignment loss, consistency loss, one-step image embeddings, indices of the kept captions)."""
+        """Returns (alignment loss, consistency loss, one-step image embeddings of every row, the rows
+        whose caption was kept: a (N,) bool on the device). Shapes do not depend on which captions were
+        dropped, and nothing is read on the host: a dropped row is drawn too (from the empty caption)
+        and left out of the alignment loss only."""
         p, device = self.p, self.device
         mean, logvar, idx = batch
         n = len(idx)
@@ -91,21 +92,14 @@ class OneStepObjective:
         out = p.unet(zt, t, context, tok["attention_mask"])  # eps or v
         consistency = noise_loss(out, p.schedule.target(z0, noise, t, p.prediction), self.loss_kind,
                                  p.schedule.loss_weight(t, p.prediction, self.min_snr_gamma))
-        keep = ~drop
-        kept = idx_dev[keep]  # (a host sync: the batch's kept size decides the shapes below)
-        if len(kept) == 0:
-            return consistency.new_zeros(()), consistency, None, kept.cpu()
         _, x0 = p.schedule.eps_and_x0(out, zt, t, p.prediction)
         if p.latent_clamp > 0:
             x0 = x0.clamp(-p.latent_clamp, p.latent_clamp)
-        kept_tok = {k: v[keep] for k, v in tok.items()}
-        images = p.decode(x0[keep], kept_tok)
-        image_emb = self.align.encode_image(images)
-        text_emb = self.caption_emb[kept]
-        if len(text_emb) < 2:  # a contrastive loss needs at least two pairs
-            return consistency.new_zeros(()), consistency, image_emb, kept.cpu()
-        alignment = self.clip_loss(image_emb, text_emb, self.align.logit_scale.exp().clamp(max=100))
-        return alignment, consistency, image_emb, kept.cpu()
+        image_emb = self.align.encode_image(p.decode(x0, tok))
+        keep = ~drop
+        alignment = masked_clip_loss(image_emb, self.caption_emb[idx_dev], self.align.logit_scale.exp().clamp(max=100),
+                                     keep)
+        return alignment, consistency, image_emb, keep
 
 
 def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: Path, vae_checkpoint: Path,
@@ -158,11 +152,11 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
         clip = cons = 0.0
         embeddings, order = [], []
         for batch in (val_data.take(idx) for idx in batch_indices(len(val_data), bs, shuffle=False)):
-            a, c, emb, idx = val_obj(batch, vg, train=False)
-            clip += a.item() * len(idx)
-            cons += c.item() * len(idx)
-            embeddings.append(emb.cpu())
-            order.append(idx)
+            a, c, emb, keep = val_obj(batch, vg, train=False)  # validation drops no caption
+            clip += a.item() * len(emb)
+            cons += c.item() * len(emb)
+            embeddings.append(emb[keep].cpu())
+            order.append(batch[2][keep.cpu()])
         n = len(val_data)
         sim = torch.cat(embeddings) @ val_emb[torch.cat(order)].T
         return {"val_loss": (cfg.alignment_weight * clip + cfg.consistency_weight * cons) / n,
