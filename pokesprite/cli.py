@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
     from pokesprite import stages
     from pokesprite.config import load_params
     from pokesprite.stage_table import STAGES
-    from pokesprite.train.common import load_checkpoint
+    from pokesprite.checkpoints import load_checkpoint
 
     params = load_params(args.config)
     if args.no_mlflow:
@@ -104,9 +104,9 @@ def cmd_train(args) -> int:
             raise FileNotFoundError(f"{path}: no such checkpoint ({flag})")
     resume_kind = None
     if args.resume:
-        import torch
+        from pokesprite.checkpoints import read
 
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        ckpt = read(args.resume)
         resume_kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
         resumable = [s.name for s in STAGES.values() if s.resumable]
         if resume_kind not in resumable:

@@ -17,17 +17,28 @@ import contextlib
 import numpy as np
 import torch
 
-from pokesprite.config import SampleConfig, ScheduleConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from pokesprite.config import SampleConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict
 from pokesprite.data.dataset import to_uint8
 from pokesprite.diffusion.samplers import make_sampler
-from pokesprite.diffusion.schedule import NoiseSchedule, check_prediction
+from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule, check_prediction
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
-from pokesprite.train.common import atomic_save
+from pokesprite.checkpoints import atomic_save, load_checkpoint
 
 PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
+
+
+def load_diffusion_checkpoint(path: Path) -> dict:
+    """A stage-2 checkpoint, always with ``prediction`` and ``min_snr_gamma``: older ones, written before
+    these existed, trained eps without weighting, so they read as "eps" and 0."""
+    ckpt = load_checkpoint(path, "diffusion")
+    ckpt.setdefault("prediction", "eps")
+    ckpt.setdefault("min_snr_gamma", 0.0)
+    if ckpt["prediction"] not in PREDICTIONS:
+        raise ValueError(f"{path}: unknown prediction {ckpt['prediction']!r}; expected one of {', '.join(PREDICTIONS)}")
+    return ckpt
 
 
 def guided_output(unet, x, t, context, mask, uncond_context, uncond_mask, scale: float) -> torch.Tensor:
@@ -140,7 +151,7 @@ class SpritePipeline:
         path = directory / PIPELINE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a saved pokesprite pipeline")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, "pipeline")
         vae = VAE(from_dict(VAEConfig, ckpt["vae"]["config"], "vae"), context_dim=ckpt["vae"].get("context_dim") or 0)
         vae.load_state_dict(ckpt["vae"]["state_dict"])
         text = TextEncoder.from_pretrained(str(directory / TEXT_DIR), dim=ckpt["text"]["dim"],
@@ -156,8 +167,27 @@ class SpritePipeline:
                    latent_clamp=ckpt.get("latent_clamp", 3.0),
                    prediction=ckpt.get("prediction", "eps"))  # pipelines saved before v-prediction: eps
 
+    @classmethod
+    def from_checkpoints(cls, vae_checkpoint: Path, diffusion_checkpoint: Path | dict,
+                         device: str | torch.device = "cpu") -> "SpritePipeline":
+        """The combined model from a VAE stage's and a diffusion stage's checkpoints (a path, or the dict
+        ``load_diffusion_checkpoint`` returned), in eval mode on ``device``; the text encoder is the
+        bundled transformer with the stage-2 projection."""
+        ckpt = diffusion_checkpoint if isinstance(diffusion_checkpoint, dict) else \
+            load_diffusion_checkpoint(diffusion_checkpoint)
+        vae = VAE.from_checkpoint(vae_checkpoint, device)
+        text_cfg = from_dict(TextConfig, ckpt["text_config"], "text")
+        text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
+        text.proj.load_state_dict(ckpt["text_proj"])
+        unet = UNet(from_dict(UNetConfig, ckpt["unet_config"], "diffusion.unet"), context_dim=text_cfg.dim)
+        unet.load_state_dict(ckpt["unet"])
+        schedule = NoiseSchedule(from_dict(ScheduleConfig, ckpt["schedule_config"], "diffusion.schedule"))
+        return cls(vae, unet.to(device).eval(), text.to(device).eval(), schedule, latent_scale=vae.latent_scale,
+                   sample=from_dict(SampleConfig, ckpt.get("sample", {}), "diffusion.sample"),
+                   latent_clamp=ckpt.get("latent_clamp", 3.0), prediction=ckpt["prediction"])
+
     @staticmethod
     def sample_defaults(directory: Path) -> SampleConfig:
         """The saved sampling settings, read without building the models."""
-        ckpt = torch.load(Path(directory) / PIPELINE_FILE, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(Path(directory) / PIPELINE_FILE, "pipeline")
         return from_dict(SampleConfig, ckpt["sample"], "sample")

@@ -257,9 +257,9 @@ def load_stage_alignment(params: Params, layout: Layout, device):
 
 def read_checkpoint(path: Path) -> dict:
     """A whole checkpoint (training state included) on the CPU."""
-    import torch
+    from pokesprite.checkpoints import read
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read(path)
 
 
 def replay_history(tracker: Tracker, checkpoint: Path | None) -> None:
@@ -406,13 +406,12 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
     from pokesprite.images import save_image_atomic
     from pokesprite.losses import PerceptualLoss
     from pokesprite.pipeline import SpritePipeline
-    from pokesprite.train.diffusion import load_diffusion
 
     layout, started = Layout(root, out), time.perf_counter()
     dev = resolve_device(device)
     with stage_run("evaluate", params, layout, tags) as (tracker, run):
         pipeline = SpritePipeline.load(layout.model_dir, device=dev)
-        before_text = load_diffusion(layout.diffusion_checkpoint, dev)[1]
+        before_text = SpritePipeline.from_checkpoints(layout.vae_checkpoint, layout.diffusion_checkpoint, dev).text
         result = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
                           processed_dir=layout.processed, reference_dir=layout.reference_dir,
                           data_cfg=params.data, cfg=params.evaluate,

@@ -408,7 +408,7 @@ def test_diffusion_checkpoint_without_the_keys_loads_as_eps(tiny_text_dir, tmp_p
     from pokesprite.config import TextConfig, UNetConfig, to_dict
     from pokesprite.models.text import TextEncoder
     from pokesprite.models.unet import UNet
-    from pokesprite.train.diffusion import load_diffusion
+    from pokesprite.pipeline import load_diffusion_checkpoint
 
     text_cfg = TextConfig(model=str(tiny_text_dir), max_tokens=16, dim=8)
     text = TextEncoder.from_pretrained(text_cfg.model, dim=8, max_tokens=16)
@@ -417,14 +417,14 @@ def test_diffusion_checkpoint_without_the_keys_loads_as_eps(tiny_text_dir, tmp_p
            "text_config": to_dict(text_cfg), "text_proj": text.proj.state_dict(),
            "schedule_config": to_dict(ScheduleConfig()), "loss": "huber"}
     torch.save(old, tmp_path / "old.pt")
-    ckpt = load_diffusion(tmp_path / "old.pt")[3]
+    ckpt = load_diffusion_checkpoint(tmp_path / "old.pt")
     assert (ckpt["prediction"], ckpt["min_snr_gamma"]) == ("eps", 0.0)
     torch.save({**old, "prediction": "v", "min_snr_gamma": 5.0}, tmp_path / "new.pt")
-    ckpt = load_diffusion(tmp_path / "new.pt")[3]
+    ckpt = load_diffusion_checkpoint(tmp_path / "new.pt")
     assert (ckpt["prediction"], ckpt["min_snr_gamma"]) == ("v", 5.0)
     torch.save({**old, "prediction": "x0"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="unknown prediction 'x0'"):
-        load_diffusion(tmp_path / "bad.pt")
+        load_diffusion_checkpoint(tmp_path / "bad.pt")
 
 
 def test_saved_pipeline_keeps_its_prediction_and_old_ones_load_as_eps(tiny_text_dir, tmp_path):

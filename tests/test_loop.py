@@ -8,7 +8,7 @@ from torch import nn
 
 from pokesprite.config import TrainConfig
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import load_checkpoint
+from pokesprite.checkpoints import load_checkpoint
 from pokesprite.train.loop import Stage, fit, make_scheduler
 from pokesprite.train.stability import TrainingDiverged
 

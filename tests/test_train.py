@@ -7,10 +7,11 @@ import torch
 
 from pokesprite.config import SampleConfig
 from pokesprite.pipeline import SpritePipeline
-from pokesprite.train.common import load_checkpoint
-from pokesprite.train.diffusion import load_diffusion, train_diffusion
+from pokesprite.checkpoints import load_checkpoint
+from pokesprite.train.diffusion import train_diffusion
 from pokesprite.train.finetune import train_finetune
-from pokesprite.train.vae import load_vae, train_vae
+from pokesprite.models.vae import VAE
+from pokesprite.train.vae import train_vae
 from pokesprite.tracking import Tracker
 
 
@@ -47,8 +48,8 @@ def test_vae_overfits_and_writes_a_self_describing_checkpoint(vae_run, tiny_para
     assert l1[-1] < 0.7 * l1[0], l1
     ckpt = load_checkpoint(out / "best.pt", "vae")
     assert ckpt["config"]["channels"] == list(tiny_params.vae.model.channels)
-    vae, scale = load_vae(out / "best.pt")  # rebuilt from the checkpoint alone
-    assert scale == pytest.approx(metrics["latent_scale"]) and scale > 0
+    vae = VAE.from_checkpoint(out / "best.pt")  # rebuilt from the checkpoint alone
+    assert vae.latent_scale == pytest.approx(metrics["latent_scale"]) and vae.latent_scale > 0 and not vae.training
     assert (out / "reconstructions.png").is_file() and (out / "last.pt").is_file()
 
 
@@ -77,7 +78,7 @@ def test_diffusion_trains_in_bf16_with_sparse_host_reads(processed, tiny_params,
                     vae_checkpoint=vae_run[0] / "best.pt", out_dir=tmp_path, seed=0, tracker=tracker)
     loss = [v for _, v in tracker.history["train_loss"]]
     assert np.mean(loss[-5:]) < 0.8 * np.mean(loss[:3]), loss
-    unet, *_ = load_diffusion(tmp_path / "best.pt")
+    unet = SpritePipeline.from_checkpoints(vae_run[0] / "best.pt", tmp_path / "best.pt").unet
     assert all(p.dtype == torch.float32 for p in unet.parameters())
 
 @pytest.fixture(scope="module")
@@ -111,16 +112,14 @@ def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, ti
 
 
 def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusion_run, tmp_path):
-    vae, scale = load_vae(vae_run[0] / "best.pt")
-    unet, text, schedule, _ = load_diffusion(diffusion_run[0] / "best.pt")
-    pipe = SpritePipeline(vae, unet, text, schedule, latent_scale=scale,
-                          sample=SampleConfig(sampler="ddpm", steps=4, guidance_scale=2.0))
+    pipe = SpritePipeline.from_checkpoints(vae_run[0] / "best.pt", diffusion_run[0] / "best.pt")
+    pipe.sample = SampleConfig(sampler="ddpm", steps=4, guidance_scale=2.0)
     prompts = ["a red fire lizard", "a yellow electric mouse"]
     a = pipe(prompts, seed=7)
     assert np.array_equal(a, pipe(prompts, seed=7))
     assert not np.array_equal(a, pipe(prompts, seed=8))
     loaded = SpritePipeline.load(pipe.save(tmp_path / "model"))
-    assert loaded.sample == pipe.sample and loaded.latent_scale == scale
+    assert loaded.sample == pipe.sample and loaded.latent_scale == pipe.vae.latent_scale == vae_run[1]["latent_scale"]
     assert np.array_equal(a, loaded(prompts, seed=7))
     ddim = pipe(prompts, seed=7, sampler="ddim", guidance_scale=1.0)
     assert ddim.shape == a.shape and not np.array_equal(ddim, a)

@@ -18,7 +18,7 @@ from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distanc
 from pokesprite.evaluation.inception import inception_features, load_inception
 from pokesprite.evaluation.scorer import IndependentScorer
 from pokesprite.models.alignment import r_precision
-from pokesprite.train.common import atomic_save
+from pokesprite.checkpoints import atomic_save, read
 
 log = logging.getLogger(__name__)
 FEATURES_FILE = "inception_features.pt"
@@ -61,4 +61,4 @@ def load_reference(ref_dir: Path) -> tuple[dict, IndependentScorer]:
     path = ref_dir / FEATURES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the reference stage first (dvc repro reference)")
-    return torch.load(path, map_location="cpu", weights_only=False), IndependentScorer.load(ref_dir / SCORER_FILE)
+    return read(path), IndependentScorer.load(ref_dir / SCORER_FILE)

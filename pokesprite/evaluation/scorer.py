@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pokesprite.train.common import atomic_save
+from pokesprite.checkpoints import atomic_save, load_checkpoint
 
 WORD = re.compile(r"[a-z]+")
 
@@ -111,9 +111,7 @@ class IndependentScorer(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> "IndependentScorer":
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != "independent_scorer":
-            raise ValueError(f"{path}: not an independent-scorer file")
+        ckpt = load_checkpoint(path, "independent_scorer")
         model = cls(BagOfWords(ckpt["vocabulary"], ckpt["idf"]), image_dim=ckpt["image_dim"], dim=ckpt["dim"])
         model.load_state_dict(ckpt["state_dict"])
         return model.eval()

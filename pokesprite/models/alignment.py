@@ -241,7 +241,7 @@ class AlignmentModel(_Frozen):
 
     def save(self, path: Path, cfg: AlignmentConfig | None = None, history: list[dict] | None = None) -> None:
         """Atomically write the heads, temperature and tower names (not the towers' weights)."""
-        from pokesprite.train.common import atomic_save
+        from pokesprite.checkpoints import atomic_save
 
         state = {k: v.cpu() if isinstance(v, torch.Tensor) else {n: t.cpu() for n, t in v.items()}
                  for k, v in self.trained_state().items()}
@@ -251,7 +251,7 @@ class AlignmentModel(_Frozen):
     @classmethod
     def load(cls, path: Path, device="cpu") -> AlignmentModel:
         """Rebuild the frozen towers from the installed packages and load the saved heads; frozen."""
-        from pokesprite.train.common import load_checkpoint
+        from pokesprite.checkpoints import load_checkpoint
 
         ckpt = load_checkpoint(path, CHECKPOINT_KIND)
         model = cls(**ckpt["hparams"])

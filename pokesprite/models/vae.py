@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pokesprite.config import VAEConfig
+from pokesprite.checkpoints import load_checkpoint
+from pokesprite.config import VAEConfig, from_dict
 from pokesprite.models.layers import CrossAttentionBlock, Downsample, ResBlock, Upsample
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -94,6 +95,20 @@ def check_context(text_conditioned: bool, context, mask) -> None:
 class VAE(nn.Module):
     """Image autoencoder; ``context_dim`` (the caption token width) is required when
     ``cfg.text_conditioning`` is set and ignored otherwise."""
+
+    latent_scale: float = 1.0  # what the diffusion model multiplies latents by; set by from_checkpoint
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "VAE":
+        """The VAE of a finished VAE stage's checkpoint (best.pt), from the file alone: in eval mode on
+        ``device``, with the stage's ``latent_scale``."""
+        ckpt = load_checkpoint(path, "vae")
+        if "latent_scale" not in ckpt:
+            raise ValueError(f"{path}: has no latent scale; use the best.pt that the finished VAE stage writes")
+        vae = cls(from_dict(VAEConfig, ckpt["config"], "vae.model"), context_dim=ckpt.get("context_dim") or 0)
+        vae.load_state_dict(ckpt["state_dict"])
+        vae.latent_scale = float(ckpt["latent_scale"])
+        return vae.to(device).eval()
 
     def __init__(self, cfg: VAEConfig, context_dim: int = 0):
         super().__init__()

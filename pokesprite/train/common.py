@@ -1,11 +1,8 @@
-"""What every stage trainer shares: seeding, optimiser, atomic checkpoints."""
+"""What every stage trainer shares: seeding, the optimiser and its step, autocast."""
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,29 +44,3 @@ def optimizer_step(opt: torch.optim.Optimizer, ok: torch.Tensor) -> None:
 def autocast(device: str | torch.device, precision: str):
     """bf16 autocast of the forward pass when ``precision`` is bf16 (weights stay fp32), else a no-op."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: Path, kind: str) -> dict:
-    """Load a checkpoint written by a pokesprite trainer and check it is of the expected kind."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (train the {kind} stage first, or pass its path)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a {kind} checkpoint, found {found!r}")
-    return ckpt

@@ -14,25 +14,25 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pokesprite.config import DataConfig, DiffusionStageConfig, ScheduleConfig, TextConfig, UNetConfig, from_dict, to_dict
+from pokesprite.config import DataConfig, DiffusionStageConfig, TextConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule
+from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
+from pokesprite.models.vae import VAE
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid
 from pokesprite.losses import noise_loss
 from pokesprite.train.batches import batch_indices, steps_per_epoch
-from pokesprite.train.common import load_checkpoint, seed_everything
+from pokesprite.checkpoints import load_checkpoint
+from pokesprite.train.common import seed_everything
 from pokesprite.train.ema import decay_for_half_life
 from pokesprite.train.loop import Stage, fit
-from pokesprite.train.vae import load_vae
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS = 8
@@ -132,26 +132,6 @@ def validation_loss(unet, text: TextEncoder, schedule, cache: LatentCache, devic
     return total / n
 
 
-def load_diffusion(path: Path, device="cpu"):
-    """Rebuild (U-Net, text encoder with its trained projection, schedule, checkpoint) from a stage-2 checkpoint.
-
-    The returned checkpoint always has ``prediction`` and ``min_snr_gamma``: older ones, written before
-    these existed, trained eps without weighting, so they read as "eps" and 0.
-    """
-    ckpt = load_checkpoint(path, "diffusion")
-    ckpt.setdefault("prediction", "eps")
-    ckpt.setdefault("min_snr_gamma", 0.0)
-    if ckpt["prediction"] not in PREDICTIONS:
-        raise ValueError(f"{path}: unknown prediction {ckpt['prediction']!r}; expected one of {', '.join(PREDICTIONS)}")
-    text_cfg = from_dict(TextConfig, ckpt["text_config"], "text")
-    text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens)
-    text.proj.load_state_dict(ckpt["text_proj"])
-    unet = UNet(from_dict(UNetConfig, ckpt["unet_config"], "diffusion.unet"), context_dim=text_cfg.dim)
-    unet.load_state_dict(ckpt["unet"])
-    schedule = NoiseSchedule(from_dict(ScheduleConfig, ckpt["schedule_config"], "diffusion.schedule"))
-    return unet.to(device).eval(), text.to(device).eval(), schedule, ckpt
-
-
 def sample_grid(pipeline: SpritePipeline, prompts: list[str], seed: int = 0):
     return image_grid(pipeline(prompts, seed=seed), cols=len(prompts))
 
@@ -163,7 +143,8 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
     g = seed_everything(seed)
-    vae, latent_scale = load_vae(vae_checkpoint, device)
+    vae = VAE.from_checkpoint(vae_checkpoint, device)
+    latent_scale = vae.latent_scale
     vae.requires_grad_(False)
     text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens).to(device)
     text.freeze_transformer(0)

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from pokesprite.config import DataConfig, FinetuneStageConfig, SampleConfig, from_dict, to_dict
+from pokesprite.config import DataConfig, FinetuneStageConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.losses import masked_clip_loss, noise_loss
 from pokesprite.models.alignment import r_precision, retrieval_accuracy
-from pokesprite.pipeline import SpritePipeline
+from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
 from pokesprite.tracking import Tracker
 from pokesprite.train.batches import batch_indices, steps_per_epoch
-from pokesprite.train.common import load_checkpoint, seed_everything
-from pokesprite.train.diffusion import encode_latents, load_diffusion, sample_grid, sample_latents
+from pokesprite.checkpoints import load_checkpoint
+from pokesprite.train.common import seed_everything
+from pokesprite.train.diffusion import encode_latents, sample_grid, sample_latents
 from pokesprite.train.loop import Stage, fit
-from pokesprite.train.vae import load_vae
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS = 8
@@ -110,15 +110,12 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
     g = seed_everything(seed)
-    vae, latent_scale = load_vae(vae_checkpoint, device)
-    unet, text, schedule, diff = load_diffusion(diffusion_checkpoint, device)
+    diff = load_diffusion_checkpoint(diffusion_checkpoint)
+    pipeline = SpritePipeline.from_checkpoints(vae_checkpoint, diff, device)
+    vae, unet, text = pipeline.vae, pipeline.unet, pipeline.text
     text.freeze_transformer(cfg.train_layers)
     for m in (vae, unet):
         m.requires_grad_(False).eval()
-    pipeline = SpritePipeline(vae, unet, text, schedule, latent_scale=latent_scale,
-                              sample=from_dict(SampleConfig, diff.get("sample", {}), "diffusion.sample"),
-                              latent_clamp=diff.get("latent_clamp", 3.0),
-                              prediction=diff.get("prediction", "eps"))  # older checkpoints: eps
 
     train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
     val_set = SpriteDataset(data_dir, "val", data_cfg)

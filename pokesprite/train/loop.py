@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from pokesprite.config import TrainConfig, to_dict
 from pokesprite.tracking import Tracker
-from pokesprite.train.common import atomic_save, autocast, load_checkpoint, make_optimizer, optimizer_step
+from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.train.common import autocast, make_optimizer, optimizer_step
 from pokesprite.train.ema import EMA
 from pokesprite.train.stability import StabilityGuard
 
@@ -72,8 +73,10 @@ class Stage:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "generator": generator.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain data: checkpoints load weights_only
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss),
+             "python": random.getstate(), "generator": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,7 +84,8 @@ def rng_state(generator: torch.Generator) -> dict:
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():

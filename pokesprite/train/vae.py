@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pokesprite.config import DataConfig, TextConfig, VAEConfig, VAEStageConfig, from_dict, to_dict
+from pokesprite.config import DataConfig, TextConfig, VAEStageConfig, to_dict
 from pokesprite.data.augment import augment_batch
 from pokesprite.data.dataset import SpriteDataset, to_unit_range, to_uint8
 from pokesprite.images import image_grid
@@ -22,21 +22,12 @@ from pokesprite.models.discriminator import PatchDiscriminator, adaptive_weight,
 from pokesprite.models.vae import VAE, kl_divergence
 from pokesprite.tracking import Tracker
 from pokesprite.train.batches import batch_indices, steps_per_epoch
-from pokesprite.train.common import atomic_save, load_checkpoint, make_optimizer, optimizer_step, seed_everything
+from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.train.common import make_optimizer, optimizer_step, seed_everything
 from pokesprite.train.loop import Stage, fit
 
 log = logging.getLogger(__name__)
 GRID_IMAGES = 8
-
-
-def load_vae(path: Path, device="cpu") -> tuple[VAE, float]:
-    """Rebuild the VAE from its checkpoint alone; returns (model in eval mode, latent scale)."""
-    ckpt = load_checkpoint(path, "vae")
-    if "latent_scale" not in ckpt:
-        raise ValueError(f"{path}: has no latent scale; use the best.pt that the finished VAE stage writes")
-    vae = VAE(from_dict(VAEConfig, ckpt["config"], "vae.model"), context_dim=ckpt.get("context_dim") or 0)
-    vae.load_state_dict(ckpt["state_dict"])
-    return vae.to(device).eval(), float(ckpt["latent_scale"])
 
 
 class CaptionFeatures:
