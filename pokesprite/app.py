@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pokesprite.diffusion.samplers import SAMPLERS
 from pokesprite.images import WHITE, key_background, parse_colour, save_image_atomic
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check; before gradio is imported
@@ -66,8 +67,8 @@ def check_request(prompt, seed, steps, guidance, count, sampler, rgb, *, max_ste
         ok = False
     if not ok:
         raise ValueError(f"Guidance scale must be between 0 and {MAX_GUIDANCE:g} (1 = no guidance), got {guidance}.")
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"Sampler must be ddpm or ddim, got {sampler!r}.")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}.")
     return Request(prompt, seed, steps, float(guidance), count, sampler, bool(rgb))
 
 
@@ -196,7 +197,7 @@ def build_app(studio: SpriteStudio, *, out_dir: Path):
                 guidance = gr.Number(label=f"Guidance scale (0-{MAX_GUIDANCE:g}, 1 = none)",
                                      value=sample.guidance_scale, elem_id="guidance")
                 count = gr.Slider(1, MAX_SPRITES, value=4, step=1, label="Number of sprites", elem_id="count")
-                sampler = gr.Dropdown(["ddpm", "ddim"], value=sample.sampler, label="Sampler", elem_id="sampler")
+                sampler = gr.Dropdown(list(SAMPLERS), value=sample.sampler, label="Sampler", elem_id="sampler")
                 rgb = gr.Checkbox(value=False, label="Keep the background (RGB instead of transparent)",
                                   elem_id="rgb")
                 button = gr.Button("Draw", variant="primary", elem_id="draw")

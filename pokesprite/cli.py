@@ -144,6 +144,12 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     background = parse_colour(args.background, name="--background") if args.background else None
+    if args.sampler:
+        from pokesprite.config import sampler_names
+
+        if args.sampler not in sampler_names():  # before loading the model
+            print(f"error: --sampler {args.sampler}: choose one of {', '.join(sampler_names())}", file=sys.stderr)
+            return 2
     configure_mlflow()
     try:
         model = mlflow.pyfunc.load_model(args.model)
@@ -268,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same sprites")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the model's own)")
-    gen.add_argument("--sampler", choices=("ddpm", "ddim"), help="sampler (default: the model's own)")
+    gen.add_argument("--sampler", help="a sampler of pokesprite.diffusion.samplers, e.g. ddim (default: the "
+                     "model's own)")
     gen.add_argument("-o", "--out", default="out", help="output folder (default: out/)")
     gen.add_argument("--model", default="models:/pokesprite@champion",
                      help="MLflow model URI (default: models:/pokesprite@champion)")

@@ -98,6 +98,14 @@ class ScheduleConfig:
     max_beta: float = 0.999
 
 
+def sampler_names() -> tuple[str, ...]:
+    """The samplers pokesprite has (``pokesprite.diffusion.samplers.SAMPLERS``; imported here, when a
+    config is checked, so that reading this module needs no torch)."""
+    from pokesprite.diffusion.samplers import SAMPLERS
+
+    return tuple(SAMPLERS)
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How the registered model and the sample grids draw; callers can override each per request."""
@@ -106,8 +114,9 @@ class SampleConfig:
     guidance_scale: float = 3.0  # classifier-free guidance; 1 = the plain conditional prediction
 
     def __post_init__(self):
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"diffusion.sample.sampler must be ddpm or ddim, got {self.sampler!r}")
+        if self.sampler not in sampler_names():
+            raise ConfigError(f"diffusion.sample.sampler must be one of {', '.join(sampler_names())}, "
+                              f"got {self.sampler!r}")
         if self.steps < 1:
             raise ConfigError(f"diffusion.sample.steps must be at least 1, got {self.steps}")
 
@@ -303,8 +312,9 @@ class EvaluateConfig:
         if any(g < 0 for g in self.guidance_scales) or len(set(self.guidance_scales)) != len(self.guidance_scales):
             raise ConfigError("evaluate.guidance_scales must be distinct scales >= 0 (1 = no guidance), "
                               f"got {list(self.guidance_scales)}")
-        if self.sampler not in ("", "ddpm", "ddim"):
-            raise ConfigError(f"evaluate.sampler must be empty (the model's own), ddpm or ddim, got {self.sampler!r}")
+        if self.sampler and self.sampler not in sampler_names():
+            raise ConfigError(f"evaluate.sampler must be empty (the model's own) or one of "
+                              f"{', '.join(sampler_names())}, got {self.sampler!r}")
         if self.steps < 0 or self.max_captions < 0:
             raise ConfigError("evaluate.steps and evaluate.max_captions must be >= 0 (0 = default)")
         if self.candidates < 2 or self.batch_size < 1 or self.grid_seeds < 2:

@@ -49,16 +49,21 @@ class PerceptualLoss(nn.Module):
         return torch.stack([(fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2)) for fa, fb in pairs]).mean(0)
 
 
-def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, 1)) with a floor of ``free_bits`` nats per latent channel.
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) in nats, per element (same shape as ``mean``)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+    """The mean ``gaussian_kl`` of a (B, C, H, W) posterior, with a floor of ``free_bits`` nats per
+    latent channel.
 
     Each channel's KL (nats per element, averaged over batch and positions) is clamped below at
     ``free_bits`` before averaging over channels, so a channel carrying less information than the
     floor is not pushed further towards the prior (its gradient is zero) - this keeps channels from
-    collapsing. With ``free_bits=0`` it equals ``pokesprite.models.vae.kl_divergence``.
+    collapsing. With ``free_bits=0`` it is the plain mean KL per element.
     """
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, C, H, W)
-    per_channel = kl.transpose(0, 1).flatten(1).mean(dim=1)  # (C,)
+    per_channel = gaussian_kl(mean, logvar).transpose(0, 1).flatten(1).mean(dim=1)  # (C,)
     return per_channel.clamp(min=free_bits).mean()
 
 

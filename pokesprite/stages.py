@@ -206,7 +206,7 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
     import torch
 
     from pokesprite.data.dataset import SpriteDataset
-    from pokesprite.models.alignment import train_alignment
+    from pokesprite.train.alignment import train_alignment
 
     layout, started = Layout(root, out), time.perf_counter()
     cfg = params.finetune.alignment

@@ -9,16 +9,9 @@ from open_clip.loss import ClipLoss
 
 from pokesprite.config import AlignmentConfig, DataConfig
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.models.alignment import (
-    AlignmentModel,
-    OpenClipAlignment,
-    load_alignment,
-    mean_matched_cosine,
-    r_precision,
-    retrieval_accuracy,
-    similarity_matrix,
-    train_alignment,
-)
+from pokesprite.evaluation.retrieval import mean_matched_cosine, r_precision, retrieval_accuracy
+from pokesprite.models.alignment import AlignmentModel, OpenClipAlignment, load_alignment, similarity_matrix
+from pokesprite.train.alignment import train_alignment
 
 TINY = AlignmentConfig(dim=32, epochs=40, batch_size=8, lr=3e-3, image_size=64)
 

@@ -156,7 +156,7 @@ def test_check_request_accepts_good_inputs_and_names_the_bad_field():
            "Seed must be a whole number": dict(seed=-1),
            f"Number of sprites must be a whole number from 1 to {MAX_SPRITES}": dict(count=MAX_SPRITES + 1),
            "Guidance scale must be between 0 and 20": dict(guidance=None),
-           "Sampler must be ddpm or ddim": dict(sampler="euler")}
+           "Sampler must be one of ddpm, ddim": dict(sampler="euler")}
     good = dict(prompt="x", seed=0, steps=10, guidance=3.0, count=1, sampler="ddpm", rgb=True)
     for message, change in bad.items():
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -465,3 +465,22 @@ def test_pipeline_draws_in_bf16_close_to_fp32(tiny_text_dir):
     assert 0 < diff.mean() < 2.0 and diff.max() <= 16  # bf16 changes values, by little
     with pytest.raises(ValueError, match="precision"):
         pipe(["a red bird"], precision="fp16")
+
+
+def test_a_sampler_is_known_everywhere_by_its_entry_in_SAMPLERS(monkeypatch):
+    """Adding a sampler = a class and an entry in SAMPLERS: the configs accept its name, make_sampler
+    builds it, and unknown names are refused with the list."""
+    from pokesprite.config import ConfigError, SampleConfig
+    from pokesprite.diffusion import samplers
+
+    class Euler(samplers.DDIMSampler):
+        pass
+
+    monkeypatch.setitem(samplers.SAMPLERS, "euler", Euler)
+    assert SampleConfig(sampler="euler").sampler == "euler"
+    assert isinstance(samplers.make_sampler("euler", NoiseSchedule(ScheduleConfig()), 5), Euler)
+    monkeypatch.delitem(samplers.SAMPLERS, "euler")
+    with pytest.raises(ConfigError, match="one of ddpm, ddim, got 'euler'"):
+        SampleConfig(sampler="euler")
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of ddpm, ddim"):
+        samplers.make_sampler("euler", NoiseSchedule(ScheduleConfig()), 5)

@@ -122,7 +122,7 @@ def test_bag_of_words_tfidf_known_values():
 
 
 def test_independent_scorer_learns_a_caption_image_link(tmp_path):
-    from pokesprite.models.alignment import r_precision
+    from pokesprite.evaluation.retrieval import r_precision
 
     colours = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
     shapes = ["cat", "bird", "fish", "snake", "dog", "frog", "bug", "rock"]

@@ -47,12 +47,14 @@ def test_caption_dropout_rate_and_replacement():
     hidden, mask = torch.ones(1000, 4, 3), torch.ones(1000, 4, dtype=torch.long)
     empty_h, empty_m = torch.zeros(1, 4, 3), torch.tensor([[1, 1, 0, 0]])
     g = torch.Generator().manual_seed(0)
-    h, m = drop_captions(hidden, mask, empty_h, empty_m, 0.1, g)
+    out, drop = drop_captions({"hidden": hidden, "mask": mask}, {"hidden": empty_h, "mask": empty_m}, 0.1, g)
+    h, m = out["hidden"], out["mask"]
     dropped = (h.abs().sum((1, 2)) == 0)
+    assert torch.equal(dropped, drop)
     assert 60 < dropped.sum() < 140 and (m[dropped] == empty_m).all() and (m[~dropped] == 1).all()
     assert hidden.sum() == 1000 * 12  # the cached features are not modified
-    h0, _ = drop_captions(hidden, mask, empty_h, empty_m, 0.0, g)
-    assert torch.equal(h0, hidden)
+    out, drop = drop_captions({"hidden": hidden}, {"hidden": empty_h}, 0.0, g)
+    assert torch.equal(out["hidden"], hidden) and not drop.any()
 
 
 def test_foreach_ema_equals_the_per_parameter_lerp_and_ignores_skipped_updates():

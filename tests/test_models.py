@@ -6,7 +6,8 @@ import torch
 from pokesprite.config import UNetConfig, VAEConfig
 from pokesprite.models.layers import Attention, CrossAttentionBlock, mha_to_attention, timestep_embedding
 from pokesprite.models.unet import UNet
-from pokesprite.models.vae import VAE, kl_divergence
+from pokesprite.losses import kl_free_bits
+from pokesprite.models.vae import VAE
 
 TINY_VAE = VAEConfig(channels=(8, 8, 16, 16))
 TINY_UNET = UNetConfig(channels=(16, 16, 32), heads=2)
@@ -24,11 +25,11 @@ def test_vae_shapes():
 
 def test_kl_closed_form():
     zero = torch.zeros(1, 8, 27, 27)
-    assert kl_divergence(zero, zero).item() == 0.0
+    assert kl_free_bits(zero, zero).item() == 0.0
     # KL(N(1, 1) || N(0, 1)) = 1/2 per element
-    assert abs(kl_divergence(zero + 1, zero).item() - 0.5) < 1e-7
+    assert abs(kl_free_bits(zero + 1, zero).item() - 0.5) < 1e-7
     # KL(N(0, e) || N(0, 1)) = (e - 1 - 1) / 2
-    assert abs(kl_divergence(zero, zero + 1).item() - (torch.e - 2) / 2) < 1e-6
+    assert abs(kl_free_bits(zero, zero + 1).item() - (torch.e - 2) / 2) < 1e-6
 
 
 def test_timestep_embedding_values():

@@ -84,7 +84,7 @@ def test_diffusion_trains_in_bf16_with_sparse_host_reads(processed, tiny_params,
 @pytest.fixture(scope="module")
 def alignment(processed, tiny_params):
     from pokesprite.data.dataset import SpriteDataset
-    from pokesprite.models.alignment import train_alignment
+    from pokesprite.train.alignment import train_alignment
 
     sets = [SpriteDataset(processed, split, tiny_params.data) for split in ("train", "val")]
     images = [torch.stack([ds[i][0] for i in range(len(ds))]) for ds in sets]

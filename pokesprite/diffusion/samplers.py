@@ -3,16 +3,14 @@
 Both samplers walk the same evenly spaced subset of the training steps and share one interface:
 ``sampler.timesteps`` to iterate over and ``sampler.step(output, i, x)`` for x_t -> x_prev, where
 ``output`` is the (guided) model output of the kind the sampler was built for. The pipeline owns the
-loop (model -> guidance -> step).
+loop (model -> guidance -> step). ``SAMPLERS`` maps each name to its class: a new sampler is a class
+here and an entry there (the configs, the CLI and the web page read the names from it).
 """
 from __future__ import annotations
 
 import torch
 
 from pokesprite.diffusion.schedule import NoiseSchedule, check_prediction
-
-SAMPLERS = ("ddpm", "ddim")
-
 
 def spaced_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
     """``num_steps`` indices evenly spaced from T-1 down to 0, both ends included."""
@@ -87,13 +85,13 @@ class DDIMSampler(_Sampler):
         return out
 
 
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+
+
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, clip_x0: float = 3.0, *,
                  prediction: str = "eps"):
     """``clip_x0``: predicted clean latents are clamped to +-clip_x0 (the seed's +-3; 0 = no clamp).
     ``prediction``: what the model outputs, eps or v (``NoiseSchedule.eps_and_x0``)."""
-    clip_x0 = clip_x0 if clip_x0 > 0 else float("inf")
-    if name == "ddpm":
-        return DDPMSampler(schedule, num_steps, clip_x0=clip_x0, prediction=prediction)
-    if name == "ddim":
-        return DDIMSampler(schedule, num_steps, clip_x0=clip_x0, prediction=prediction)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](schedule, num_steps, clip_x0=clip_x0 if clip_x0 > 0 else float("inf"), prediction=prediction)

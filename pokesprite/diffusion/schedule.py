@@ -100,7 +100,20 @@ class NoiseSchedule:
         """Per-sample Min-SNR-gamma weights (B,) at steps ``t`` (``min_snr_weight``); None (unweighted) at gamma 0."""
         return min_snr_weight(self.snr(t), min_snr_gamma, prediction) if min_snr_gamma > 0 else None
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-        """Uniform over the T steps, on ``device``; drawn on the generator's device (without one, on ``device``)."""
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device="cpu",
+                         t_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Uniform over the T steps (or the inclusive ``t_range``), on ``device``; drawn on the generator's
+        device (without one, on ``device``)."""
+        low, high = t_range if t_range is not None else (0, self.timesteps - 1)
         draw_on = generator.device if generator is not None else device
-        return torch.randint(0, self.timesteps, (n,), generator=generator, device=draw_on).to(device)
+        return torch.randint(low, high + 1, (n,), generator=generator, device=draw_on).to(device)
+
+    def noised(self, z0: torch.Tensor, generator: torch.Generator | None = None,
+               t_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A draw of the forward process: (t, noise, x_t = add_noise(z0, noise, t)), t uniform as in
+        ``sample_timesteps``. t, then the noise, come from ``generator`` on its device, else from the
+        default generator of z0's device (a GPU step copies no random numbers from the host)."""
+        t = self.sample_timesteps(len(z0), generator, device=z0.device, t_range=t_range)
+        draw_on = generator.device if generator is not None else z0.device
+        noise = torch.randn(z0.shape, generator=generator, device=draw_on, dtype=z0.dtype).to(z0.device)
+        return t, noise, self.add_noise(z0, noise, t)

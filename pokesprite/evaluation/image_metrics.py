@@ -1,7 +1,8 @@
-"""PSNR and SSIM of uint8 RGB images (the sprites composited onto their background).
+"""PSNR and SSIM of RGB images (the sprites composited onto their background).
 
-Both are per image, over all three channels, with data range 255. PSNR of identical images is
-infinite; it is capped at ``PSNR_CAP`` dB so that means stay finite. SSIM (Wang et al. 2004) uses an
+Both are per image, over all three channels, of uint8 images (data range 255); PSNR also takes float
+images with their data range (2 for the models' [-1, 1]), which is how the VAE stage validates. PSNR
+of identical images is infinite; it is capped at ``PSNR_CAP`` dB so that means stay finite. SSIM (Wang et al. 2004) uses an
 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, over the valid region of each channel.
 """
 from __future__ import annotations
@@ -19,10 +20,16 @@ def _float(images: torch.Tensor) -> torch.Tensor:
     return images.double()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N,) PSNR in dB of image pairs, capped at PSNR_CAP."""
-    mse = (_float(a) - _float(b)).square().mean(dim=(1, 2, 3))
-    value = 10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-300))
+def psnr(a: torch.Tensor, b: torch.Tensor, *, data_range: float | None = None) -> torch.Tensor:
+    """(N,) PSNR in dB of image pairs, capped at PSNR_CAP: uint8 images (data range 255), or float
+    images of ``data_range`` (computed in their dtype, on their device)."""
+    if data_range is None:
+        a, b, data_range = _float(a), _float(b), 255.0
+    elif a.dtype == torch.uint8 or b.dtype == torch.uint8 or a.ndim != 4 or a.shape != b.shape:
+        raise ValueError(f"data_range is for float (N, C, H, W) pairs, got {a.dtype} {tuple(a.shape)} and "
+                         f"{b.dtype} {tuple(b.shape)}")
+    mse = (a - b).square().mean(dim=(1, 2, 3))
+    value = 10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-30))
     return value.clamp(max=PSNR_CAP)
 
 

@@ -17,7 +17,7 @@ from pokesprite.data.dataset import SpriteDataset
 from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distance
 from pokesprite.evaluation.inception import inception_features, load_inception
 from pokesprite.evaluation.scorer import IndependentScorer
-from pokesprite.models.alignment import r_precision
+from pokesprite.evaluation.retrieval import r_precision
 from pokesprite.checkpoints import atomic_save, read
 
 log = logging.getLogger(__name__)

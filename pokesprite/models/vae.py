@@ -144,8 +144,3 @@ class VAE(nn.Module):
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * noise
         return self.decode(z, context, mask), mean, logvar
-
-
-def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged over elements and batch (nats)."""
-    return (0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)).mean()

@@ -73,33 +73,39 @@ class LatentCache:
             yield self.take(idx)
 
 
-def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None, kind: str = "huber",
-                   prediction: str = "eps", min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Loss of the U-Net's ``prediction`` (eps, or v of Salimans & Ho 2022) at uniformly sampled timesteps:
-    Huber as the seed says, or MSE; each sample weighted by Min-SNR-gamma (Hang et al. 2023) when
-    ``min_snr_gamma`` > 0.
-
-    t and the noise are drawn on the generator's device; without one on z0's, so that a GPU step copies
-    no random numbers from the host. Validation's fixed-seed CPU generator keeps its numbers.
+def denoise(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None, kind: str = "huber",
+            prediction: str = "eps", min_snr_gamma: float = 0.0, t_range: tuple[int, int] | None = None):
+    """One denoising step of training: noise z0 at uniform timesteps (``NoiseSchedule.noised``; within
+    ``t_range`` when given), run the U-Net, and score its ``prediction`` (eps, or v of Salimans & Ho
+    2022) with Huber as the seed says, or MSE; each sample weighted by Min-SNR-gamma (Hang et al.
+    2023) when ``min_snr_gamma`` > 0. Returns (loss, the U-Net's output, x_t, t).
     """
-    t = schedule.sample_timesteps(len(z0), generator, device=z0.device)
-    draw_on = generator.device if generator is not None else z0.device
-    noise = torch.randn(z0.shape, generator=generator, device=draw_on, dtype=z0.dtype).to(z0.device)
-    out = unet(schedule.add_noise(z0, noise, t), t, context, mask)
-    return noise_loss(out, schedule.target(z0, noise, t, prediction), kind,
-                      schedule.loss_weight(t, prediction, min_snr_gamma))
+    t, noise, zt = schedule.noised(z0, generator, t_range)
+    out = unet(zt, t, context, mask)
+    loss = noise_loss(out, schedule.target(z0, noise, t, prediction), kind, schedule.loss_weight(t, prediction,
+                                                                                                  min_snr_gamma))
+    return loss, out, zt, t
 
 
-def drop_captions(hidden, mask, empty_hidden, empty_mask, prob: float, generator=None):
+def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, **kwargs) -> torch.Tensor:
+    """The loss of ``denoise`` (stage 2's objective)."""
+    return denoise(unet, schedule, z0, context, mask, **kwargs)[0]
+
+
+def drop_captions(captions: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], prob: float,
+                  generator=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Replace each caption by the empty caption "" with probability ``prob`` (classifier-free guidance).
 
-    Decided on the device (no host sync); ``empty_hidden`` (1, L, D) and ``empty_mask`` (1, L) broadcast.
+    ``captions``: tensors with one row per caption (hidden states, attention mask, token ids, ...);
+    ``empty``: the same keys for "", one row that broadcasts. Decided on the device, no host sync (the
+    draw comes from ``generator`` on its device, else from the rows' device). Returns the captions with
+    the dropped rows replaced, and the (N,) bool of which were dropped.
     """
-    device = generator.device if generator is not None else hidden.device
-    drop = (torch.rand(len(hidden), generator=generator, device=device) < prob).to(hidden.device)
-    hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(hidden.dtype), hidden)
-    mask = torch.where(drop.view(-1, 1), empty_mask.to(mask.dtype), mask)
-    return hidden, mask
+    first = next(iter(captions.values()))
+    on = generator.device if generator is not None else first.device
+    drop = (torch.rand(len(first), generator=generator, device=on) < prob).to(first.device)
+    out = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[k].to(v.dtype), v) for k, v in captions.items()}
+    return out, drop
 
 
 def sample_latents(mean, logvar, scale: float, generator=None, clamp: float = 0.0):
@@ -178,7 +184,9 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
         mean, logvar, hidden, mask = train_cache.take(idx)
         z0 = sample_latents(mean, logvar, latent_scale, None, cfg.latent_clamp)
         z0 = z0.contiguous(memory_format=memory_format)
-        hidden, mask = drop_captions(hidden, mask, empty_hidden, empty_mask, cfg.cond_drop_prob)
+        kept, _ = drop_captions({"hidden": hidden, "mask": mask}, {"hidden": empty_hidden, "mask": empty_mask},
+                                cfg.cond_drop_prob)
+        hidden, mask = kept["hidden"], kept["mask"]
         return denoising_loss(unet, schedule, z0, text.proj(hidden), mask, kind=cfg.loss,
                               prediction=cfg.prediction, min_snr_gamma=cfg.min_snr_gamma), {}
 

@@ -23,14 +23,14 @@ import torch
 
 from pokesprite.config import DataConfig, FinetuneStageConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.losses import masked_clip_loss, noise_loss
-from pokesprite.models.alignment import r_precision, retrieval_accuracy
+from pokesprite.losses import masked_clip_loss
+from pokesprite.evaluation.retrieval import r_precision, retrieval_accuracy
 from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
 from pokesprite.tracking import Tracker
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.train.common import seed_everything
-from pokesprite.train.diffusion import encode_latents, sample_grid, sample_latents
+from pokesprite.train.diffusion import denoise, drop_captions, encode_latents, sample_grid, sample_latents
 from pokesprite.train.loop import Stage, fit
 
 log = logging.getLogger(__name__)
@@ -78,20 +78,15 @@ class OneStepObjective:
         and left out of the alignment loss only."""
         p, device = self.p, self.device
         mean, logvar, idx = batch
-        n = len(idx)
         # Random numbers from ``generator`` (validation's fixed CPU generator), else from the device's own.
-        on = generator.device if generator is not None else torch.device(device)
-        drop = (torch.rand(n, generator=generator, device=on) < (self.cond_drop_prob if train else 0.0)).to(device)
         idx_dev = idx.to(device)
-        tok = {k: torch.where(drop.view(-1, 1), self.empty[k], v[idx_dev]) for k, v in self.tokens.items()}
+        tok, drop = drop_captions({k: v[idx_dev] for k, v in self.tokens.items()}, self.empty,
+                                  self.cond_drop_prob if train else 0.0, generator)
         context = p.text(**tok)
         z0 = sample_latents(mean.to(device), logvar.to(device), p.latent_scale, generator, p.latent_clamp)
-        t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (n,), generator=generator, device=on).to(device)
-        noise = torch.randn(z0.shape, generator=generator, device=on).to(device)
-        zt = p.schedule.add_noise(z0, noise, t)
-        out = p.unet(zt, t, context, tok["attention_mask"])  # eps or v
-        consistency = noise_loss(out, p.schedule.target(z0, noise, t, p.prediction), self.loss_kind,
-                                 p.schedule.loss_weight(t, p.prediction, self.min_snr_gamma))
+        consistency, out, zt, t = denoise(p.unet, p.schedule, z0, context, tok["attention_mask"],
+                                          generator=generator, kind=self.loss_kind, prediction=p.prediction,
+                                          min_snr_gamma=self.min_snr_gamma, t_range=(self.cfg.t_min, self.cfg.t_max))
         _, x0 = p.schedule.eps_and_x0(out, zt, t, p.prediction)
         if p.latent_clamp > 0:
             x0 = x0.clamp(-p.latent_clamp, p.latent_clamp)

@@ -8,7 +8,6 @@ caption's frozen transformer features, computed once before training.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -19,7 +18,8 @@ from pokesprite.data.dataset import SpriteDataset, to_unit_range, to_uint8
 from pokesprite.images import image_grid
 from pokesprite.losses import PerceptualLoss, kl_free_bits, kl_weight_at
 from pokesprite.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
-from pokesprite.models.vae import VAE, kl_divergence
+from pokesprite.evaluation.image_metrics import psnr
+from pokesprite.models.vae import VAE
 from pokesprite.tracking import Tracker
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import atomic_save, load_checkpoint
@@ -67,21 +67,19 @@ def evaluate(vae: VAE, images: torch.Tensor, batch_size: int, context=no_context
              perceptual=None) -> dict[str, float]:
     """Deterministic (posterior-mean) reconstruction error on a held-out split (uint8, on the device)."""
     vae.eval()
-    sums = torch.zeros(4, device=images.device)  # l1, squared error, kl, perceptual (summed; one host read)
+    sums = torch.zeros(4, device=images.device)  # l1, psnr, kl, perceptual (summed; one host read)
     n = len(images)
     for idx, x in in_batches(images, batch_size):
         mean, logvar = vae.encode(x)
         recon = vae.decode(mean, *context(idx)).float().clamp(-1, 1)
         sums[0] += F.l1_loss(recon, x, reduction="sum")
-        sums[1] += F.mse_loss(recon, x, reduction="sum")
-        sums[2] += kl_divergence(mean.float(), logvar.float()) * len(x)
+        sums[1] += psnr(recon, x, data_range=2.0).sum()  # [-1, 1]: a range of 2
+        sums[2] += kl_free_bits(mean.float(), logvar.float()) * len(x)
         if perceptual is not None:
             sums[3] += perceptual(recon, x).float() * len(x)
-    l1, mse, kl, perc = sums.tolist()
+    l1, psnr_sum, kl, perc = sums.tolist()
     pixels = n * 3 * vae.cfg.image_size ** 2
-    mse /= pixels
-    psnr = 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")  # signal range [-1, 1] has peak 2
-    out = {"val_l1": l1 / pixels, "val_psnr": psnr, "val_kl": kl / n}
+    out = {"val_l1": l1 / pixels, "val_psnr": psnr_sum / n, "val_kl": kl / n}
     if perceptual is not None:
         out["val_perceptual"] = perc / n
     return out
