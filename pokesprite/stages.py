@@ -220,8 +220,7 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
         val = SpriteDataset(layout.processed, "val", params.data)
         images = lambda ds: torch.stack([ds[i][0] for i in range(len(ds))])  # noqa: E731
         model, history = train_alignment(cfg, images(train), train.captions, images(val), val.captions,
-                                         seed=params.seed, device=resolve_device(device),
-                                         log=tracker.log_metrics)
+                                         seed=params.seed, device=resolve_device(device), tracker=tracker)
         model.save(layout.alignment_model, cfg, history)
         tracker.log_artifact(layout.alignment_model, "checkpoint")
         tracker.log_image(similarity_image(model, images(val), val.captions), "val_similarity.png")

@@ -2,21 +2,31 @@
 
 The towers are frozen, so ``train_alignment`` runs them once over the data and trains only the
 projection heads and the temperature on the cached features (seconds on a CPU), with open_clip's
-contrastive ``ClipLoss``; the state with the lowest validation loss is kept.
+contrastive ``ClipLoss``, on the shared training loop (``pokesprite.train.loop.fit``); the epoch with
+the lowest validation loss is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from pokesprite.config import AlignmentConfig
+from pokesprite.checkpoints import load_checkpoint
+from pokesprite.config import AlignmentConfig, TrainConfig
 from pokesprite.evaluation.retrieval import retrieval_metrics
-from pokesprite.models.alignment import MAX_LOGIT_SCALE, AlignmentModel, batched_apply, one_thread
+from pokesprite.models.alignment import AlignmentModel, batched_apply, one_thread
+from pokesprite.tracking import Tracker
+from pokesprite.train.batches import batch_indices, steps_per_epoch
+from pokesprite.train.loop import Stage, fit
 
 logger = logging.getLogger(__name__)
+HEADS_KIND = "alignment_heads"  # the checkpoints fit writes while training the heads
 
 
 def cache_features(model: AlignmentModel, images: torch.Tensor, captions: list[str],
@@ -45,74 +55,66 @@ def evaluate_cached(model: AlignmentModel, loss_fn, img: torch.Tensor, txt: torc
     return metrics
 
 
-def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Tensor, torch.Tensor],
-              val: tuple[torch.Tensor, torch.Tensor] | None = None, *, seed: int,
-              log: Callable[[dict, int], None] | None = None, weight_decay: float = 0.1) -> list[dict]:
-    """Train the heads and temperature on cached (image, text) tower features; returns per-epoch metrics.
+class Heads(nn.Module):
+    """What training changes in an ``AlignmentModel`` (its two heads and the temperature), shared with
+    it, as the model that ``fit`` trains and checkpoints (the frozen towers stay out of checkpoints)."""
 
-    AdamW (cosine-decayed ``cfg.lr``; weight decay on the weight matrices only) with open_clip's
-    ``ClipLoss`` for ``cfg.epochs`` epochs over seeded shuffled batches of ``cfg.batch_size``; the
-    temperature is clamped at 100 after each step, as in CLIP. The heads' standardisation is fitted
-    on ``train`` first. The state with the lowest validation ClipLoss (the whole validation set as one
-    batch) is restored at the end; without ``val`` (or with fewer than 2 pairs) the last one is kept.
-    ``log(metrics, epoch)`` (e.g. ``Tracker.log_metrics``) receives each epoch's metrics.
+    def __init__(self, model: AlignmentModel):
+        super().__init__()
+        self.text_head, self.image_head, self.logit_scale = model.text_head, model.image_head, model.logit_scale
+
+
+def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Tensor, torch.Tensor],
+              val: tuple[torch.Tensor, torch.Tensor] | None = None, *, seed: int, tracker: Tracker | None = None,
+              weight_decay: float = 0.1, out_dir: Path | None = None) -> list[dict]:
+    """Train the heads and temperature on cached (image, text) tower features with the shared ``fit``
+    (AdamW, one-cycle learning rate peaking at ``cfg.lr``, the stability guard); returns its history.
+
+    Each step is open_clip's ``ClipLoss`` over a seeded shuffled batch of ``cfg.batch_size`` pairs (the
+    temperature's exponential is capped at 100, as in CLIP). The heads' standardisation is fitted on
+    ``train`` first. Each epoch is validated on the whole validation set as one batch (``val_loss``,
+    ``val_top1``, ``val_r_precision``, ``val_matched_cosine``; on the training set when there is no
+    validation set of 2 or more pairs), and the epoch with the lowest ``val_loss`` is restored at the
+    end. Checkpoints go to ``out_dir`` (a temporary folder when None).
     """
     from open_clip.loss import ClipLoss
 
     tr_img, tr_txt = train
-    has_val = val is not None and len(val[0]) >= 2
+    check = val if val is not None and len(val[0]) >= 2 else train
     model.image_head.fit_stats(tr_img)
     model.text_head.fit_stats(tr_txt)
     loss_fn = ClipLoss()
-    head_params = [p for head in (model.text_head, model.image_head) for p in head.parameters()]
-    opt = torch.optim.AdamW([{"params": [p for p in head_params if p.ndim > 1], "weight_decay": weight_decay},
-                             {"params": [p for p in head_params if p.ndim <= 1] + [model.logit_scale],
-                              "weight_decay": 0.0}], lr=cfg.lr)
-    n = len(tr_img)  # a final batch of a single pair has nothing to contrast with: skipped
-    batches = [(i, min(i + cfg.batch_size, n)) for i in range(0, n, cfg.batch_size) if n - i >= 2]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * len(batches)))
+    heads = Heads(model)
     g = torch.Generator().manual_seed(seed)
+    n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
 
-    history, best, best_loss = [], None, float("inf")
-    t0 = time.perf_counter()
+    def loss(idx, epoch):
+        idx = idx.to(tr_img.device)
+        value = loss_fn(model.embed_image(tr_img[idx]), model.embed_text(tr_txt[idx]), model.scale)
+        return value, {"logit_scale": model.scale.detach()}
+
+    def validate(epoch):
+        return {f"val_{k}": v for k, v in evaluate_cached(model, loss_fn, *check, seed).items()}
+
+    stage = Stage(name=HEADS_KIND, model=heads, loss=loss, validate=validate,
+                  export=lambda: {"heads": model.trained_state()}, generator=g,
+                  batches=lambda epoch: batch_indices(n, bs, shuffle=True, generator=g),
+                  steps_per_epoch=steps_per_epoch(n, bs), config=asdict(cfg), device=model.device)
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=bs, lr=cfg.lr, weight_decay=weight_decay,
+                            save_every=cfg.epochs, checkpoint_every=0)
     model.train()
-    with one_thread(tr_img.device):
-        for epoch in range(1, cfg.epochs + 1):
-            metrics = _train_epoch(model, loss_fn, opt, sched, tr_img, tr_txt, batches, g)
-            if has_val:
-                metrics.update({f"val_{k}": v for k, v in evaluate_cached(model, loss_fn, *val, seed).items()})
-                if metrics["val_loss"] < best_loss:
-                    best_loss, best = metrics["val_loss"], model.trained_state()
-            history.append({"epoch": epoch, **metrics, "elapsed_s": time.perf_counter() - t0})
-            if log is not None:
-                log(metrics, epoch)
-            logger.debug("alignment epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
-    if best is not None:
-        model.load_trained_state(best)
+    with contextlib.ExitStack() as stack:
+        folder = Path(out_dir) if out_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        with one_thread(tr_img.device):
+            result = fit(stage, train_cfg, out_dir=folder, tracker=tracker)
+        model.load_trained_state(load_checkpoint(folder / "best.pt", HEADS_KIND)["heads"])
     model.eval()
-    return history
-
-
-def _train_epoch(model, loss_fn, opt, sched, img, txt, batches, generator) -> dict[str, float]:
-    """One shuffled pass of ClipLoss steps over cached features; the temperature is clamped at 100."""
-    perm = torch.randperm(len(img), generator=generator).to(img.device)
-    total = 0.0
-    for start, end in batches:
-        idx = perm[start:end]
-        loss = loss_fn(model.embed_image(img[idx]), model.embed_text(txt[idx]), model.scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        total += loss.item() * len(idx)
-    return {"train_loss": total / max(1, sum(e - s for s, e in batches)), "logit_scale": model.scale.item()}
+    return result.history
 
 
 def train_alignment(cfg: AlignmentConfig, train_images: torch.Tensor, train_captions: list[str],
                     val_images: torch.Tensor | None, val_captions: list[str] | None, *, seed: int, device="cpu",
-                    log: Callable[[dict, int], None] | None = None, weight_decay: float = 0.1,
+                    tracker: Tracker | None = None, weight_decay: float = 0.1,
                     **model_kwargs) -> tuple[AlignmentModel, list[dict]]:
     """Build an ``AlignmentModel``, cache its towers' features once, train its heads; return it frozen.
 
@@ -129,8 +131,9 @@ def train_alignment(cfg: AlignmentConfig, train_images: torch.Tensor, train_capt
         val = tuple(t.to(device) for t in cache_features(model, val_images, val_captions, cfg.batch_size))
     logger.info("alignment: cached %d train / %d val tower features in %.1fs", len(train[0]),
                 len(val[0]) if val else 0, time.perf_counter() - t0)
-    history = fit_heads(model, cfg, train, val, seed=seed, log=log, weight_decay=weight_decay)
-    best = min(history, key=lambda h: h.get("val_loss", float("inf")))
-    logger.info("alignment: trained heads for %d epochs in %.1fs; best %s", cfg.epochs,
-                history[-1]["elapsed_s"], {k: round(v, 4) for k, v in best.items()})
+    t0 = time.perf_counter()
+    history = fit_heads(model, cfg, train, val, seed=seed, tracker=tracker, weight_decay=weight_decay)
+    best = min(history, key=lambda h: h["val_loss"])
+    logger.info("alignment: trained heads for %d epochs in %.1fs; best %s", len(history), time.perf_counter() - t0,
+                {k: round(v, 4) for k, v in best.items()})
     return model.freeze(), history
