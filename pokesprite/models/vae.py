@@ -141,6 +141,12 @@ class VAE(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         mean, logvar = self.encode(x)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * logvar) * noise
-        return self.decode(z, context, mask), mean, logvar
+        return self.decode(sample_posterior(mean, logvar, generator), context, mask), mean, logvar
+
+
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z ~ N(mean, exp(logvar)) by reparameterisation (gradients flow to mean and logvar). The noise
+    comes from ``generator`` on its device, else from the default generator of mean's device."""
+    on = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=on, dtype=mean.dtype).to(mean.device)
+    return mean + torch.exp(0.5 * logvar) * noise

@@ -23,7 +23,7 @@ from pokesprite.data.dataset import SpriteDataset
 from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
-from pokesprite.models.vae import VAE
+from pokesprite.models.vae import VAE, sample_posterior
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid
@@ -109,13 +109,9 @@ def drop_captions(captions: dict[str, torch.Tensor], empty: dict[str, torch.Tens
 
 
 def sample_latents(mean, logvar, scale: float, generator=None, clamp: float = 0.0):
-    """z ~ q(z | x), times the latent scale; clamped to +-``clamp`` (the seed's +-3) when clamp > 0.
-
-    The noise comes from ``generator`` (on its device), else from the default generator of mean's device.
-    """
-    device = generator.device if generator is not None else mean.device
-    noise = torch.randn(mean.shape, generator=generator, device=device).to(mean.device)
-    z = (mean + torch.exp(0.5 * logvar) * noise) * scale
+    """z ~ q(z | x) (``sample_posterior``), times the latent scale; clamped to +-``clamp`` (the seed's
+    +-3) when clamp > 0."""
+    z = sample_posterior(mean, logvar, generator) * scale
     return z.clamp(-clamp, clamp) if clamp > 0 else z
 
 
