@@ -3,44 +3,61 @@
 The bottom layer that models, training, evaluation and the pipeline share. Every file pokesprite
 writes with ``torch.save`` is a dict with a ``"kind"`` (vae, diffusion, finetune, pipeline,
 alignment, scorer, reference, ...) and holds only tensors and plain Python values, so it loads with
-``torch.load(weights_only=True)``: reading a checkpoint runs no pickled code.
+``torch.load(weights_only=True)``: reading a checkpoint runs no pickled code, and a file that needs
+more (a crafted payload, or an object pickled by other code) is refused with a message naming it.
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
-import tempfile
+import re
+import uuid
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a
+    crash leaves the old file or the new one, never half of one. The file gets the user's usual
+    permissions (0666 less the umask); the temporary file is removed if the write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def read(path: Path):
-    """``torch.load`` of data only (weights_only). A file written before pokesprite kept to plain data
-    (a numpy RNG state inside) is read in full once, with a warning: re-save it to upgrade."""
+    """``torch.load`` of data only (weights_only): tensors and plain Python values, never code.
+
+    Raises ValueError naming the file when it holds anything else (checkpoints of pokesprite before
+    this rule kept numpy's RNG state as an array: retrain or re-save those with a current version) or
+    cannot be read at all (truncated, corrupt, not a torch file).
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        log.warning("%s: not plain data (%s); reading it in full, which runs pickled code: load only files "
-                    "you trust, and re-save it", path, str(err).splitlines()[0])
-        return torch.load(path, map_location="cpu", weights_only=False)
+        code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if code is None:
+            raise ValueError(f"{path}: not a readable checkpoint (not a torch file of tensors and plain values)") \
+                from None
+        raise ValueError(f"{path}: refused: it holds more than tensors and plain values (it would call "
+                         f"{code.group(1)}); pokesprite loads data only, never code. A checkpoint from an older "
+                         "pokesprite: train that stage again") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'empty'})") from None
 
 
 def load_checkpoint(path: Path, kind: str) -> dict:

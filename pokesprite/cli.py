@@ -102,6 +102,9 @@ def cmd_train(args) -> int:
                        ("--resume", args.resume)):
         if path and not Path(path).is_file():  # before any long work
             raise FileNotFoundError(f"{path}: no such checkpoint ({flag})")
+    for path, kind in ((args.vae_checkpoint, "vae"), (args.diffusion_checkpoint, "diffusion")):
+        if path:
+            load_checkpoint(path, kind)  # its kind, and data only, before any long work
     resume_kind = None
     if args.resume:
         from pokesprite.checkpoints import read
@@ -112,7 +115,6 @@ def cmd_train(args) -> int:
         if resume_kind not in resumable:
             kinds = ", ".join(resumable[:-1]) + " or " + resumable[-1]
             raise ValueError(f"{args.resume}: not a {kinds} checkpoint (kind {resume_kind!r})")
-        load_checkpoint(args.resume, resume_kind)
     layout = stages.Layout(args.root, args.out)
     names = stages_to_run(args.stage, resume_kind, layout)
     checkpoints = {"vae_checkpoint": args.vae_checkpoint, "diffusion_checkpoint": args.diffusion_checkpoint}

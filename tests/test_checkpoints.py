@@ -1,11 +1,9 @@
 """pokesprite.checkpoints: atomic writes, data-only reads, kinds checked."""
-import logging
-
 import numpy as np
 import pytest
 import torch
 
-from pokesprite.checkpoints import atomic_save, load_checkpoint, read
+from pokesprite.checkpoints import atomic_save, load_checkpoint
 from pokesprite.train.loop import fit, rng_state, set_rng_state
 
 
@@ -20,7 +18,7 @@ def test_round_trip_and_kind_check(tmp_path):
         load_checkpoint(tmp_path / "missing.pt", "vae")
 
 
-def test_a_failed_write_keeps_the_old_file(tmp_path):
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
     atomic_save({"kind": "vae", "v": 1}, tmp_path / "a.pt")
     with pytest.raises(Exception):
         atomic_save({"kind": "vae", "f": lambda: 0}, tmp_path / "a.pt")  # lambdas cannot be pickled
@@ -43,9 +41,77 @@ def test_training_checkpoints_are_plain_data(tmp_path):
     assert np.array_equal(after[1], expected[1]) and after[2:] == expected[2:]
 
 
-def test_files_from_before_plain_data_still_load_with_a_warning(tmp_path, caplog):
-    torch.save({"kind": "vae", "numpy": np.arange(3)}, tmp_path / "old.pt")
-    with caplog.at_level(logging.WARNING, logger="pokesprite.checkpoints"):
-        ckpt = load_checkpoint(tmp_path / "old.pt", "vae")
-    assert np.array_equal(ckpt["numpy"], np.arange(3)) and "re-save it" in caplog.text
-    assert read(tmp_path / "old.pt")["kind"] == "vae"
+class Payload:
+    """What a crafted checkpoint carries: unpickling it would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path, marker, **fields):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**fields, "payload": Payload(marker)}, path)
+    return path
+
+
+def test_no_entry_point_unpickles_code(tmp_path):
+    """A crafted payload in every file pokesprite loads is refused, naming the file, before it runs."""
+    from pokesprite.evaluation.reference import FEATURES_FILE, load_reference
+    from pokesprite.evaluation.scorer import IndependentScorer
+    from pokesprite.models.alignment import AlignmentModel
+    from pokesprite.models.vae import VAE
+    from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
+
+    marker = tmp_path / "ran"
+    cases = {
+        "VAE.from_checkpoint": lambda p: VAE.from_checkpoint(plant(p, marker, kind="vae")),
+        "load_diffusion_checkpoint": lambda p: load_diffusion_checkpoint(plant(p, marker, kind="diffusion")),
+        "SpritePipeline.load": lambda p: SpritePipeline.load(plant(p / "pipeline.pt", marker, kind="pipeline").parent),
+        "IndependentScorer.load": lambda p: IndependentScorer.load(plant(p, marker, kind="independent_scorer")),
+        "AlignmentModel.load": lambda p: AlignmentModel.load(plant(p, marker, kind="alignment")),
+        "load_reference": lambda p: load_reference(plant(p / FEATURES_FILE, marker, kind="reference").parent),
+    }
+    for name, load in cases.items():
+        path = tmp_path / name / "file.pt"
+        with pytest.raises(ValueError, match="refused: it holds more than tensors") as err:
+            load(path)
+        assert str(tmp_path / name) in str(err.value), name
+        assert not marker.exists(), f"{name} ran the payload"
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--vae-checkpoint", "--diffusion-checkpoint"])
+def test_cli_refuses_a_payload_before_any_work(tmp_path, flag, capsys):
+    from pokesprite.cli import main
+
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "evil.pt", marker, kind="diffusion" if flag != "--vae-checkpoint" else "vae")
+    stage = {"--resume": "diffusion", "--vae-checkpoint": "diffusion", "--diffusion-checkpoint": "finetune"}[flag]
+    assert main(["train", "--stage", stage, flag, str(path), "--root", str(tmp_path), "--no-mlflow"]) == 2
+    assert not marker.exists()
+    assert f"{path}: refused" in capsys.readouterr().err
+
+
+def test_truncated_and_foreign_files_are_named(tmp_path):
+    atomic_save({"kind": "vae", "w": torch.zeros(1000)}, tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("cut.pt", "text.pt", "empty.pt"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable checkpoint"):
+            load_checkpoint(tmp_path / name, "vae")
+
+
+def test_saved_files_get_the_users_permissions_and_leave_no_temporary(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"kind": "vae"}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
