@@ -154,3 +154,20 @@ def test_dataset_range_and_augmentation(processed, tiny_params):
 def test_unit_range_round_trip():
     u = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(to_uint8(to_unit_range(u)), u)
+
+
+def test_imported_and_preprocessed_folders_get_the_users_permissions(raw_subset, tiny_params, tmp_path):
+    """Staging folders are made under the umask, not with tempfile's private 0700."""
+    import os
+
+    from pokesprite.data.preprocess import preprocess
+
+    old = os.umask(0o022)
+    try:
+        raw.import_dataset(raw_subset, tmp_path / "data")
+        preprocess(tiny_params.data, raw_dir=raw_subset, out_dir=tmp_path / "out", seed=0)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "data", tmp_path / "data/small_images", tmp_path / "out", tmp_path / "out/images"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import shutil
-import tempfile
+import uuid
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -102,7 +102,8 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
     splits = split_numbers([r.number for r in records], cfg.split, seed)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # 0777 less the umask, as the user's other folders (tempfile.mkdtemp: 0700)
     try:
         (staging / "images").mkdir()
         for r in tqdm(records, desc="preprocess", unit="img", disable=None):

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,8 @@ def import_dataset(source: str | Path, dest: str | Path = "data") -> list[RawRec
             root = _dataset_root(Path(tmp))
         records = scan(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}"
+        staging.mkdir()  # 0777 less the umask, as the user's other folders (tempfile.mkdtemp: 0700)
         try:
             (staging / IMAGES_DIR).mkdir()
             for r in records:
