@@ -138,6 +138,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def check_generate_args(args) -> str | None:
+    """What is wrong with a ``generate`` request, checked before the model loads (None: nothing).
+
+    Limits come from ``diffusion.sample`` of ./params.yaml when there is one (else the defaults).
+    """
+    import math
+
+    from pokesprite.config import SampleConfig, ScheduleConfig, load_params, sampler_names
+
+    params = load_params("params.yaml") if Path("params.yaml").is_file() else None
+    sample = params.diffusion.sample if params else SampleConfig()
+    timesteps = params.diffusion.schedule.timesteps if params else ScheduleConfig().timesteps
+    if not args.prompt.strip():
+        return 'the prompt is empty; pass "" only through the served model, as the unconditional prompt'
+    if not 1 <= args.n <= sample.max_sprites:
+        return f"-n {args.n}: draw 1..{sample.max_sprites} sprites at a time (diffusion.sample.max_sprites)"
+    if args.steps is not None and not 1 <= args.steps <= timesteps:
+        return f"--steps {args.steps}: must be in 1..{timesteps}"
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        return f"--guidance {args.guidance}: must be a finite number >= 0 (1 = no guidance)"
+    if args.sampler and args.sampler not in sampler_names():
+        return f"--sampler {args.sampler}: choose one of {', '.join(sampler_names())}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"-o {out}: exists and is not a folder"
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"-o {out}: cannot write in {parent}"
+    return None
+
+
 def cmd_generate(args) -> int:
     import mlflow
 
@@ -146,12 +177,10 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     background = parse_colour(args.background, name="--background") if args.background else None
-    if args.sampler:
-        from pokesprite.config import sampler_names
-
-        if args.sampler not in sampler_names():  # before loading the model
-            print(f"error: --sampler {args.sampler}: choose one of {', '.join(sampler_names())}", file=sys.stderr)
-            return 2
+    problem = check_generate_args(args)  # before loading the model
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     configure_mlflow()
     try:
         model = mlflow.pyfunc.load_model(args.model)

@@ -142,8 +142,12 @@ class SampleConfig:
     # classifier-free guidance: 1 = the plain conditional prediction, 0 = the unconditional one,
     # between them a blend, above 1 guided (Ho & Salimans 2022)
     guidance_scale: float = 3.0
+    batch: int = 16  # sprites drawn at a time (memory); a request for more is drawn in batches
+    max_sprites: int = 64  # the most sprites one request may ask for (pokesprite generate, the served model)
 
     def __post_init__(self):
+        require(self.batch >= 1, "batch", "at least 1", self.batch)
+        require(self.max_sprites >= 1, "max_sprites", "at least 1", self.max_sprites)
         if self.sampler not in sampler_names():
             raise ConfigError(f"diffusion.sample.sampler must be one of {', '.join(sampler_names())}, "
                               f"got {self.sampler!r}")

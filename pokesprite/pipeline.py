@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -68,55 +69,91 @@ class SpritePipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def check_request(self, prompts, *, num_steps: int | None = None, guidance_scale: float | None = None,
+                      sampler: str | None = None) -> list[str]:
+        """The prompts as a list, after checking a request before any work: ValueError naming the problem.
+
+        Prompts are text ("" is the explicit unconditional prompt); steps within the schedule; guidance
+        a finite number >= 0; a known sampler.
+        """
+        from pokesprite.diffusion.samplers import SAMPLERS
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ValueError(f"prompt {i} is {type(p).__name__} {p!r}, not text")
+        if num_steps is not None and not (isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
+                                          and 1 <= num_steps <= self.schedule.timesteps):
+            raise ValueError(f"num_steps must be a whole number in 1..{self.schedule.timesteps}, got {num_steps!r}")
+        if guidance_scale is not None:
+            try:
+                ok = math.isfinite(float(guidance_scale)) and float(guidance_scale) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        return prompts
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
                  guidance_scale: float | None = None, sampler: str | None = None,
-                 precision: str = "fp32") -> np.ndarray:
+                 precision: str = "fp32", batch: int | None = None) -> np.ndarray:
         """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
 
-        ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``. ``precision="bf16"``
+        ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``; the request is
+        checked first (``check_request``). At most ``batch`` (default ``self.sample.batch``) sprites are
+        drawn at a time; batch k of a larger request is seeded with ``seed + k``. ``precision="bf16"``
         runs the U-Net and the decoder under bf16 autocast; the sampler's update stays fp32.
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("no prompts given")
+        prompts = self.check_request(prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler)
+        batch = batch or self.sample.batch
         scale = self.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
+        steps = self.sample.steps if num_steps is None else int(num_steps)
         modules = (self.vae, self.unet, self.text)
         was_training = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
-            device, n = self.device, len(prompts)
-            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                        else contextlib.nullcontext())
-            g = torch.Generator().manual_seed(int(seed))
-            tok = self.text.tokenize(prompts, device)
-            context, mask = self.text(**tok), tok["attention_mask"]  # (N, L, dim), (N, L)
-            if scale != 1.0:
-                empty = self.text.tokenize([""] * n, device)
-                uncond, uncond_mask = self.text(**empty), empty["attention_mask"]
-            steps = self.sample.steps if num_steps is None else int(num_steps)
-            sampler_ = make_sampler(sampler or self.sample.sampler, self.schedule, steps, self.latent_clamp,
-                                    prediction=self.prediction)
-            c, s = self.unet.cfg.latent_channels, self.vae.latent_size
-            x = torch.randn((n, c, s, s), generator=g).to(device)
-            for i, t in enumerate(sampler_.timesteps):
-                t = t.repeat(n).to(device)
-                with autocast:
-                    if scale == 1.0:
-                        out = self.unet(x, t, context, mask)  # eps or v, as self.prediction says
-                    else:
-                        out = guided_output(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
-                x = sampler_.step(out.float(), i, x, generator=g)
-            with autocast:
-                images = self.decode(x, tok).float()
-            return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+            return np.concatenate([self._draw(prompts[i:i + batch], int(seed) + k, steps, scale,
+                                              sampler or self.sample.sampler, precision)
+                                   for k, i in enumerate(range(0, len(prompts), batch))])
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
+
+    def _draw(self, prompts: list[str], seed: int, steps: int, scale: float, sampler: str,
+              precision: str) -> np.ndarray:
+        device, n = self.device, len(prompts)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
+        g = torch.Generator().manual_seed(seed)
+        tok = self.text.tokenize(prompts, device)
+        context, mask = self.text(**tok), tok["attention_mask"]  # (N, L, dim), (N, L)
+        if scale != 1.0:
+            empty = self.text.tokenize([""] * n, device)
+            uncond, uncond_mask = self.text(**empty), empty["attention_mask"]
+        sampler_ = make_sampler(sampler, self.schedule, steps, self.latent_clamp, prediction=self.prediction)
+        c, s = self.unet.cfg.latent_channels, self.vae.latent_size
+        x = torch.randn((n, c, s, s), generator=g).to(device)
+        for i, t in enumerate(sampler_.timesteps):
+            t = t.repeat(n).to(device)
+            with autocast:
+                if scale == 1.0:
+                    out = self.unet(x, t, context, mask)  # eps or v, as self.prediction says
+                else:
+                    out = guided_output(self.unet, x, t, context, mask, uncond, uncond_mask, scale)
+            x = sampler_.step(out.float(), i, x, generator=g)
+        with autocast:
+            images = self.decode(x, tok).float()
+        return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
     def decode(self, z: torch.Tensor, tok: dict | None = None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (unclamped); a text-conditioned VAE also reads the caption tokens."""

@@ -46,9 +46,12 @@ def prompts_from_input(model_input) -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
         model_input = model_input[col]
-    prompts = [str(p) for p in list(model_input)]
+    prompts = list(model_input)
     if not prompts:
         raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):  # numbers or nulls are a caller's mistake, not prompts "1" or "None"
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is {type(p).__name__} {p!r}, not text")
     return prompts
 
 
@@ -130,7 +133,11 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
             fmt = str(params.get("format") or "array")
             encode_sprites(np.zeros((0, 1, 1, 3), np.uint8), fmt=fmt)  # a bad format fails before drawing
             background = parse_colour(params.get("background") or WHITE)
-            images = self.pipeline(prompts_from_input(model_input), seed=int(params.get("seed", 0)),
+            prompts = prompts_from_input(model_input)
+            limit = self.pipeline.sample.max_sprites
+            if len(prompts) > limit:
+                raise ValueError(f"{len(prompts)} prompts: this model draws at most {limit} sprites per request")
+            images = self.pipeline(prompts, seed=int(params.get("seed", 0)),
                                    num_steps=params.get("num_steps"), guidance_scale=params.get("guidance_scale"),
                                    sampler=params.get("sampler"))
         except ValueError as e:  # bad params or prompts: the caller's to fix

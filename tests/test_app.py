@@ -193,10 +193,18 @@ def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry):
     for params, words in (({"seeds": 1, "formt": "png"}, "unknown request param(s) formt, seeds"),
                           ({"format": "jpeg"}, "unknown format 'jpeg'"),
                           ({"background": "white"}, "background must be a colour"),
-                          ({"num_steps": 0}, "num_steps must be in 1..1000")):
+                          ({"num_steps": 0}, "num_steps must be a whole number in 1..1000"),
+                          ({"num_steps": -1}, "got -1"), ({"sampler": "euler"}, "sampler must be one of ddpm, ddim"),
+                          ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number")):
         with pytest.raises(MlflowException, match=re.escape(words)) as e:
             model.predict(prompts[:1], params=params)
         assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    # Numbers and nulls are refused, by the model's input schema before the model sees them.
+    with pytest.raises(MlflowException, match="Incompatible input types"):
+        model.predict([1, 2.5, None], params={"seed": 3})
+    with pytest.raises(MlflowException, match="65 prompts: this model draws at most 64 sprites per request") as e:
+        model.predict(["a"] * 65, params={"seed": 3})
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipeline_dir, tmp_path):

@@ -2,6 +2,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -484,3 +485,40 @@ def test_a_sampler_is_known_everywhere_by_its_entry_in_SAMPLERS(monkeypatch):
         SampleConfig(sampler="euler")
     with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of ddpm, ddim"):
         samplers.make_sampler("euler", NoiseSchedule(ScheduleConfig()), 5)
+
+
+def tiny_pipeline(tiny_text_dir, **sample):
+    from pokesprite.config import SampleConfig, UNetConfig, VAEConfig
+    from pokesprite.models.text import TextEncoder
+    from pokesprite.models.unet import UNet
+    from pokesprite.models.vae import VAE
+    from pokesprite.pipeline import SpritePipeline
+
+    torch.manual_seed(0)
+    return SpritePipeline(VAE(VAEConfig(channels=(8, 8, 8, 8))), UNet(UNetConfig(**TINY_UNET), context_dim=8),
+                          TextEncoder.from_pretrained(str(tiny_text_dir), dim=8, max_tokens=16),
+                          NoiseSchedule(ScheduleConfig(timesteps=100)), latent_scale=1.0,
+                          sample=SampleConfig(**{"sampler": "ddim", "steps": 2, **sample}))
+
+
+def test_requests_are_checked_before_any_work(tiny_text_dir):
+    pipe = tiny_pipeline(tiny_text_dir)
+    bad = [(dict(prompts=["a", 1]), "prompt 1 is int 1, not text"), (dict(prompts=[None]), "prompt 0 is NoneType"),
+           (dict(prompts=[]), "no prompts"), (dict(num_steps=0), r"num_steps must be a whole number in 1\.\.100"),
+           (dict(num_steps=101), "in 1..100, got 101"), (dict(num_steps=True), "got True"),
+           (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+           (dict(guidance_scale=-1), "got -1"), (dict(sampler="euler"), "sampler must be one of ddpm, ddim")]
+    for kwargs, message in bad:
+        kwargs = {"prompts": ["a red bird"], **kwargs}
+        with pytest.raises(ValueError, match=message):
+            pipe(kwargs.pop("prompts"), **kwargs)
+    assert pipe.check_request("a red bird", num_steps=100, guidance_scale=0) == ["a red bird"]
+    assert pipe([""], seed=0).shape == (1, 215, 215, 3)  # "": the explicit unconditional prompt
+
+
+def test_large_requests_are_drawn_in_seeded_batches(tiny_text_dir):
+    pipe = tiny_pipeline(tiny_text_dir, batch=2)
+    three = pipe(["a", "b", "c"], seed=5)
+    assert np.array_equal(three[:2], pipe(["a", "b"], seed=5))  # batch 0: the request's seed
+    assert np.array_equal(three[2:], pipe(["c"], seed=6))  # batch 1: seed + 1
+    assert np.array_equal(pipe(["a", "b", "c"], seed=5, batch=3), pipe(["a", "b", "c"], seed=5, batch=3))

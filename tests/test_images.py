@@ -142,3 +142,38 @@ def test_atomic_save_gives_normal_permissions_and_leaves_no_temporary_file(tmp_p
     assert Image.open(tmp_path / "out" / "a.png").mode == "RGBA"
     with pytest.raises(ValueError, match="unknown image file extension"):
         save_image_atomic(Image.new("RGB", (3, 3)), tmp_path / "c.nope")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["-n", "1000"], "-n 1000: draw 1..64 sprites"), (["-n", "0"], "-n must be at least 1"), (["--steps", "0"], "--steps 0: must be in 1..1000"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number"), (["--sampler", "euler"], "choose one of ddpm, ddim"),
+    (["-o", "FILE"], "exists and is not a folder"),
+])
+def test_generate_checks_its_request_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, words):
+    """No model exists here: each mistake must be reported first, with exit code 2."""
+    from pokesprite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("not a folder")
+    assert main(["generate", "a red bird", "--model", "models:/none@champion", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_generate_refuses_an_empty_prompt(tmp_path, monkeypatch, capsys):
+    from pokesprite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "  ", "--model", "models:/none@champion"]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+
+
+def test_served_prompts_must_be_text():
+    import pandas as pd
+
+    from pokesprite.registry import prompts_from_input
+
+    assert prompts_from_input("a") == ["a"] and prompts_from_input(pd.DataFrame({"prompt": ["a", ""]})) == ["a", ""]
+    for bad, words in (([1, "a"], "prompt 0 is int 1, not text"), (pd.Series(["a", None], dtype=object), "prompt 1 is NoneType"),
+                       ([], "no prompts given")):
+        with pytest.raises(ValueError, match=words):
+            prompts_from_input(bad)

@@ -11,7 +11,7 @@ def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig, *,
            guidance_scale: float | None = None) -> np.ndarray:
     """The pipeline's sprites with the evaluation's sampler settings (empty / 0 / None = the model's own)."""
     return pipeline(prompts, seed=seed, num_steps=cfg.steps or None, sampler=cfg.sampler or None,
-                    guidance_scale=guidance_scale, precision=cfg.precision)
+                    guidance_scale=guidance_scale, precision=cfg.precision, batch=len(prompts))
 
 
 def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str, *,
