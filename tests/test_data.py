@@ -76,6 +76,71 @@ def test_empty_caption_names_the_line(raw_subset, tmp_path):
         raw.scan(bad)
 
 
+def test_shifted_captions_are_caught_at_the_first_wrong_line(raw_subset, tmp_path):
+    """One caption deleted and one added at the end: the count still matches, the names do not."""
+    bad = broken_copy(raw_subset, tmp_path)
+    path = bad / "text_description_concat.csv"
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    del lines[2]
+    lines.append("Mew; a small pink cat-like creature")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(raw.DatasetError, match=r"line 3: the caption begins 'Charmander.*national number 3 is "
+                                               r"'Venusaur'.*are lines missing, added or out of order"):
+        raw.scan(bad)
+
+
+def test_a_line_separator_inside_a_caption_does_not_split_it(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    path = bad / "text_description_concat.csv"
+    text = path.read_text(encoding="utf-8").replace("Bulbasaur; ", "Bulbasaur; two\u2028lines, ", 1)
+    path.write_text(text.replace("\n", "\r\n"), encoding="utf-8")  # Windows line ends too
+    records = raw.scan(bad)
+    assert len(records) == N_SPRITES and "two\u2028lines" in records[0].caption
+    assert not any(r.caption.endswith("\r") for r in records)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "I;16", "JPEG"])
+def test_sprites_without_transparency_are_refused_naming_file_and_mode(raw_subset, tmp_path, mode):
+    bad = broken_copy(raw_subset, tmp_path)
+    path = bad / "small_images/004.png"
+    with Image.open(path) as im:
+        rgba = im.convert("RGBA")
+    if mode == "JPEG":
+        rgba.convert("RGB").save(path, format="JPEG")  # a JPEG named .png
+    elif mode == "I;16":
+        Image.fromarray((np.asarray(rgba.convert("L"), dtype=np.uint16) * 257)).save(path)
+    else:
+        rgba.convert(mode).save(path, format="TIFF" if mode == "CMYK" else "PNG")
+    with pytest.raises(raw.DatasetError, match=r"004\.png: has no transparency \(.* mode "):
+        raw.scan(bad)
+
+
+def test_sprites_with_alpha_in_other_modes_composite_like_rgba(full_source):
+    """A real sprite as LA (grey + alpha) and as a palette with a transparent colour: the transparent
+    pixels become the background exactly as they do from RGBA."""
+    from pokesprite.data.preprocess import to_square_rgb
+
+    with Image.open(full_source / "small_images/025.png") as im:
+        rgba = im.convert("RGBA")
+    alpha = np.asarray(rgba)[..., 3]
+    background = (255, 255, 255)
+    la = to_square_rgb(rgba.convert("LA"), 215, background)
+    grey = np.asarray(to_square_rgb(Image.merge("RGBA", [rgba.convert("L")] * 3 + [rgba.getchannel("A")]), 215,
+                                    background))
+    assert np.array_equal(np.asarray(la), grey)
+    hard = rgba.copy()
+    hard.putalpha(Image.fromarray(np.where(alpha > 127, 255, 0).astype(np.uint8)))
+    palette = hard.convert("RGB").quantize(255)
+    index = np.array(palette)
+    index[alpha <= 127] = 255  # one palette entry marks the transparent pixels
+    keyed = Image.fromarray(index.astype(np.uint8), "P")
+    keyed.putpalette(palette.getpalette())
+    keyed.info["transparency"] = 255
+    out = np.asarray(to_square_rgb(keyed, 215, background))
+    assert (out[alpha <= 127] == 255).all()  # background where transparent
+    assert np.abs(out[alpha > 127].astype(int) - np.asarray(hard.convert("RGB"))[alpha > 127]).mean() < 8
+
+
 def test_table_without_header_column_is_named(raw_subset, tmp_path):
     bad = broken_copy(raw_subset, tmp_path)
     (bad / "pokemon.csv").write_text("a,b\n1,2\n")

@@ -51,7 +51,11 @@ def read_captions(path: Path) -> list[str]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 ({e})") from None
-    lines = text.splitlines()
+    # Lines end at "\n" (or "\r\n") only: str.splitlines would also split inside a caption at U+2028,
+    # U+0085 and other separators, shifting every later caption.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
     for i, line in enumerate(lines, 1):
         if not line.strip():
             raise DatasetError(f"{path}, line {i}: empty caption")
@@ -92,7 +96,22 @@ def check_image(path: Path) -> tuple[int, int]:
         raise DatasetError(f"{path}: not a readable image ({e})") from None
     if min(size) < 8:
         raise DatasetError(f"{path}: image is only {size[0]}x{size[1]} pixels")
+    with Image.open(path) as im:
+        mode, fmt, keyed = im.mode, im.format, "transparency" in im.info
+    if mode not in ALPHA_MODES and not keyed:  # nothing says which pixels are background
+        raise DatasetError(f"{path}: has no transparency ({fmt} image, mode {mode}); sprites must be PNGs with an "
+                           "alpha channel (or a transparent palette colour) around the creature")
     return size
+
+
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # PIL modes that carry an alpha channel
+
+
+def caption_name(text: str) -> str:
+    """The first run of letters and digits, casefolded: how a caption begins ("Mr; ...") and how its
+    Pokemon's English name does ("Mr. Mime"), so that a caption on the wrong line is caught."""
+    m = re.match(r"\w+", text.strip())
+    return m[0].casefold() if m else ""
 
 
 def scan(root: Path) -> list[RawRecord]:
@@ -117,7 +136,12 @@ def scan(root: Path) -> list[RawRecord]:
         if number not in table:
             raise DatasetError(f"{f}: national number {number} is not in {table_path}")
         check_image(f)
-        records.append(RawRecord(number, table[number]["english_name"], captions[number - 1], f))
+        name, caption = table[number]["english_name"], captions[number - 1]
+        if caption_name(caption) != caption_name(name):
+            raise DatasetError(f"{captions_path}, line {number}: the caption begins {caption[:30]!r}, but national "
+                               f"number {number} is {name!r} in {table_path}; are lines missing, added or out of "
+                               "order? (line N is the caption of sprite N)")
+        records.append(RawRecord(number, name, caption, f))
     if not records:
         raise DatasetError(f"{images}: no sprites found")
     if len(records) != len(captions):
