@@ -6,8 +6,9 @@ table order, as the tasks of one ``pokesprite-pipeline`` flow run. Each task is 
 stage's function, with the MLflow tags that tie its run to the flow run.
 
 Retries (params.yaml ``prefect``) are for failures that may pass: an error that a retry would only
-repeat (``PERMANENT``) fails at once, and a retried training stage continues from the ``last.pt`` its
-failed attempt wrote (``stages.resume_point``) instead of from epoch 0. Flow runs are tagged
+repeat (``PERMANENT``) fails at once. A training stage, retried or run again after an interruption
+(its outputs persist under DVC), continues from its ``last.pt`` when that was trained under the same
+params, inputs and code (``stage_table.prepare_run``), instead of from epoch 0. Flow runs are tagged
 ``stage:NAME`` (and ``dvc-exp:NAME`` inside ``dvc exp run``) and carry a link artifact to their
 MLflow run. Without ``PREFECT_API_URL`` Prefect runs an embedded API (flow runs are kept in
 ``~/.prefect`` and appear in ``prefect server start``'s UI); with it set, runs go to that server.
@@ -16,18 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults)
 from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run, task_run
+from prefect.runtime import flow_run
 
 from pokesprite import stages
 from pokesprite.config import ConfigError, Params, load_params
 from pokesprite.data.raw import DatasetError
-from pokesprite.stage_table import STAGES
+from pokesprite.stage_table import STAGES, prepare_run
 from pokesprite.train.stability import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,13 @@ def run_tags(*names: str) -> list[str]:
 
 
 @task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
-def stage_task(name: str, params: Params, root: str = ".", started: float = 0.0,
-               params_file: str = "params.yaml") -> dict:
-    """One stage; a retry of a training stage continues from the last.pt written since ``started``."""
+def stage_task(name: str, params: Params, root: str = ".", params_file: str = "params.yaml") -> dict:
+    """One stage. A training stage continues from the last.pt of an interrupted run or of a failed
+    attempt when it was trained under the same params, inputs and code (``prepare_run``)."""
     spec, layout = STAGES[name], stages.Layout(root)
     kwargs, mlflow_tags = {}, lineage()
-    if spec.resumable and task_run.run_count > 1:
-        resume = stages.resume_point(name, params, layout, not_before=started)
+    if spec.resumable:
+        resume = prepare_run(name, params, layout)
         if resume is not None:
             kwargs["resume"], mlflow_tags["resumed_from"] = resume, str(resume)
     try:
@@ -83,7 +83,7 @@ def run_stage(name: str, params_file: str, root: str) -> dict:
                                        retry_delay_seconds=params.prefect.retry_delay_seconds)
     try:
         with tags(f"stage:{name}"):
-            return retrying(name, params, root, time.time(), params_file)
+            return retrying(name, params, root, params_file)
     finally:
         link_mlflow_run(name, params, root)
 

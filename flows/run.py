@@ -3,10 +3,54 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
+import time
+from pathlib import Path
 
 from pokesprite.config import ConfigError, load_params
 from pokesprite.stage_table import STAGES
+
+
+def dvc_ancestor(pid: int | None = None) -> int | None:
+    """The nearest ancestor process whose command line runs dvc (Linux /proc), or None."""
+    pid = os.getppid() if pid is None else pid
+    for _ in range(8):
+        if pid <= 1:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if any(Path(part.decode(errors="replace")).name in ("dvc", "dvc.exe") or part == b"dvc"
+               for part in cmdline[:3]) or b"dvc.cli" in b" ".join(cmdline[:3]):
+            return pid
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent: field 4 of /proc/PID/stat
+    return None
+
+
+def stop_with(pid: int, poll_s: float = 1.0) -> threading.Thread:
+    """Interrupt this process (as Ctrl-C would: the stage saves what it has and says how to resume)
+    when process ``pid`` ends: a stage must not run on as an orphan beside the next ``dvc repro``."""
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logging.getLogger(__name__).warning("the dvc process %d that started this stage has ended; "
+                                                    "stopping", pid)
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also wakes a blocked call
+                return
+            except PermissionError:
+                pass
+
+    thread = threading.Thread(target=watch, name="stop-with-dvc", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv=None) -> int:
@@ -22,6 +66,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from flows.pipeline import is_permanent, run_flow
+
+    dvc = dvc_ancestor() if "DVC_STAGE" in os.environ or "DVC_ROOT" in os.environ else None
+    if dvc is not None:
+        stop_with(dvc)
 
     try:
         run_flow(args.stage, params_file=args.params)

@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
 
     from pokesprite import stages
     from pokesprite.config import load_params
-    from pokesprite.stage_table import STAGES
+    from pokesprite.stage_table import STAGES, prepare_run
     from pokesprite.checkpoints import load_checkpoint
 
     params = load_params(args.config)
@@ -125,6 +125,10 @@ def cmd_train(args) -> int:
               "tags": {"entry_point": "pokesprite train"}}
         if name == resume_kind:
             kw["resume"] = Path(args.resume)
+        elif spec.resumable and not (args.vae_checkpoint or args.diffusion_checkpoint):
+            # An interrupted run of this stage under the same params, inputs and code continues;
+            # otherwise its folder is cleared for a fresh start (both said in the log).
+            kw["resume"] = prepare_run(name, params, layout)
         accepted = inspect.signature(spec.run).parameters
         kw.update({k: Path(v) for k, v in checkpoints.items() if v and k in accepted})
         print(f"== {name} ==", flush=True)

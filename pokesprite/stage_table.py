@@ -17,16 +17,24 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import difflib
 import functools
+import hashlib
+import json
+import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from pokesprite import stages
+from pokesprite.config import to_dict
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent  # the repository: pokesprite/ and flows/
+RESUME_FILE = "resume.json"  # in a training stage's folder: the fingerprint its last.pt was trained under
 PACKAGES = ("pokesprite", "flows")  # first-party code: what code dependencies are made of
 DVC_YAML = "dvc.yaml"
 
@@ -276,8 +284,12 @@ def dvc_yaml() -> str:
         lines += [f"  {spec.name}:", f"    cmd: {spec.cmd}"]
         lines += _yaml_list("deps", [*spec.deps, *code_deps(spec)], "    ")
         lines += _yaml_list("params", spec.params, "    ")
-        lines += _yaml_list("outs", [*spec.outs, *((f, {"cache": False}) for f in spec.files)], "    ")
-        lines += _yaml_list("metrics", [(spec.metrics, {"cache": False})], "    ")
+        # A training stage's outputs persist (DVC does not delete them before running it), so that an
+        # interrupted run resumes from its last.pt (prepare_run) and files no cache holds survive.
+        persist = {"persist": True} if spec.resumable else {}
+        lines += _yaml_list("outs", [*((o, persist) if persist else o for o in spec.outs),
+                                     *((f, {"cache": False, **persist}) for f in spec.files)], "    ")
+        lines += _yaml_list("metrics", [(spec.metrics, {"cache": False, **persist})], "    ")
         lines.append("")
     lines.append("plots:")
     for curve in CURVES:
@@ -285,6 +297,68 @@ def dvc_yaml() -> str:
                   f"        {curve.file}: [{', '.join(curve.y)}]"]
     lines += [f"  - {image}" for image in IMAGES]
     return "\n".join(lines) + "\n"
+
+
+# --- resuming an interrupted training stage ------------------------------------------------------
+
+def _key(params, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return to_dict(node) if dataclasses.is_dataclass(node) else node
+
+
+def _hash_tree(h, path: Path) -> None:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    for f in files:
+        h.update(str(f.relative_to(path.parent)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def fingerprint(spec: StageSpec, params, layout: stages.Layout) -> str:
+    """sha256 of what a stage's result depends on: its params, the data and outputs it reads, and
+    its code (``code_deps``), i.e. what DVC compares to decide that the stage must run."""
+    h = hashlib.sha256(json.dumps({k: _key(params, k) for k in spec.params}, sort_keys=True, default=str).encode())
+    for dep in spec.deps:
+        _hash_tree(h, layout.raw if dep == "data" else layout.out / dep)
+    for dep in code_deps(spec):
+        _hash_tree(h, ROOT / dep)
+    return h.hexdigest()
+
+
+def prepare_run(name: str, params, layout: stages.Layout) -> Path | None:
+    """Before a training stage runs: the ``last.pt`` to resume from, or None after clearing the stage's
+    folder for a fresh start. It resumes when the folder's ``last.pt`` was trained under the same
+    params, inputs and code (the fingerprint in ``resume.json``), and logs which, and why."""
+    from pokesprite.checkpoints import read
+
+    spec, folder = STAGES[name], layout.stage_dir(name)
+    current = fingerprint(spec, params, layout)
+    last, stamp = folder / "last.pt", folder / RESUME_FILE
+    try:
+        written = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        written = None
+    if not last.is_file():
+        why = f"no {last}"
+    elif written != current:
+        why = f"{last} was trained under other params, inputs or code"
+    else:
+        try:
+            state = read(last).get("train") or {}
+            log.info("%s: resuming from %s (epoch %s of %s): same params, inputs and code", name, last,
+                     state.get("epoch"), state.get("epochs"))
+            return last
+        except ValueError as e:
+            why = str(e)
+    log.info("%s: starting afresh: %s", name, why)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    stamp.write_text(json.dumps({"fingerprint": current}) + "\n")
+    return None
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,9 @@ run, calls the stage's pure function and writes the stage's metrics (and per-epo
 TensorBoard are still written, nothing is registered. For machines without the project's store.
 
 Which stages exist, what params each reads and what it writes is the table in ``stage_table.py``.
-A training stage's ``resume=`` continues from a checkpoint; ``resume_point`` says whether a retry
-may continue from the ``last.pt`` its failed attempt left (same run, same config).
+A training stage's ``resume=`` continues from a checkpoint; ``stage_table.prepare_run`` says whether
+a run may continue from the ``last.pt`` an interrupted run or a failed attempt left (same params,
+inputs and code).
 """
 from __future__ import annotations
 
@@ -291,30 +292,6 @@ def checkpoint_config_matches(stored: dict | None, stage: str, params: Params) -
         if value != current:
             return False
     return True
-
-
-def resume_point(stage: str, params: Params, layout: Layout, *, not_before: float = 0.0) -> Path | None:
-    """The ``last.pt`` a retry of training ``stage`` continues from, or None to start afresh.
-
-    Only a checkpoint of this stage written at or after ``not_before`` (the first attempt's start:
-    not one left over from an earlier run) by a trainer with the same stage config as ``params``.
-    """
-    path = layout.stage_dir(stage) / "last.pt"
-    if not path.is_file():
-        log.info("%s: no %s to resume from; starting afresh", stage, path)
-        return None
-    if path.stat().st_mtime < not_before:
-        log.info("%s: %s predates this run; starting afresh", stage, path)
-        return None
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != stage or "train" not in ckpt:
-        log.info("%s: %s is not a resumable %s checkpoint; starting afresh", stage, path, stage)
-        return None
-    if not checkpoint_config_matches(ckpt.get("stage_config"), stage, params):
-        log.info("%s: %s was written with another configuration; starting afresh", stage, path)
-        return None
-    log.info("%s: resuming from %s (epoch %d)", stage, path, ckpt["epoch"])
-    return path
 
 
 def resume_hint(stage: str, number: str, layout: Layout, *, params_file: str = "params.yaml",

@@ -26,6 +26,7 @@ import datetime as dt
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -209,12 +210,45 @@ def start_stage_run(stage: str, params, root: Path | str = ".", tags: dict | Non
 
     configure_mlflow(root)
     experiment_id = ensure_experiment(params.mlflow.experiment, root)
+    end_dead_runs(experiment_id, stage)
     name = run_name(stage, dvc_experiment().get("dvc_exp_name"))
+    owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=name,
-                          tags=stage_run_tags(stage, params, root, tags)) as run:
+                          tags={**stage_run_tags(stage, params, root, tags), **owner}) as run:
         logged = flatten(to_dict(params)) if logged is None else logged
         mlflow.log_params({k: str(v)[:6000] for k, v in logged.items()})
         yield run
+
+
+PID_TAG, HOST_TAG = "pokesprite.pid", "pokesprite.host"  # the process that runs a stage's MLflow run
+
+
+def end_dead_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``stage`` whose process, on this machine, no longer exists
+    (a stage killed with SIGKILL, or whose machine lost power, never ends its run); returns their ids."""
+    import mlflow
+
+    host, ended = socket.gethostname(), []
+    running = mlflow.search_runs([experiment_id], output_format="list",
+                                 filter_string=f"attributes.status = 'RUNNING' AND tags.stage = '{stage}'")
+    for run in running:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit() or pid_alive(int(tags[PID_TAG])):
+            continue
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        log.info("%s: MLflow run %s (process %s) had died; marked KILLED", stage, run.info.run_id, tags[PID_TAG])
+        ended.append(run.info.run_id)
+    return ended
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def tensorboard_run_dir(base: Path | str, stage: str, run_id: str | None = None) -> Path:

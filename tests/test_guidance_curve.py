@@ -54,7 +54,8 @@ class FakePipeline:
         self.sample = SimpleNamespace(guidance_scale=own_scale)
         self.calls = []
 
-    def __call__(self, prompts, *, seed, num_steps, sampler, guidance_scale):
+    def __call__(self, prompts, *, seed, num_steps, sampler, guidance_scale, precision, batch):
+        assert precision == "fp32" and batch == len(prompts)  # the evaluation's batches are drawn whole
         self.calls.append((list(prompts), seed, guidance_scale))
         scale = self.sample.guidance_scale if guidance_scale is None else guidance_scale
         values = [10 * scale + int(p.split()[-1]) for p in prompts]

@@ -26,8 +26,8 @@ from flows.pipeline import is_permanent, run_flow
 from pokesprite import stages
 from pokesprite.config import ConfigError, load_params
 from pokesprite.data.raw import DatasetError
-from pokesprite.stage_table import STAGES
-from pokesprite.stages import Layout, resume_point, stage_params
+from pokesprite.stage_table import RESUME_FILE, STAGES, prepare_run
+from pokesprite.stages import Layout, stage_params
 from pokesprite.train.stability import TrainingDiverged
 
 # A VAE stage of a few seconds an epoch: 4 training sprites (one batch), no perceptual loss, a
@@ -161,16 +161,26 @@ def test_the_mlflow_run_logs_exactly_the_params_the_table_lists(retried):
     assert finished.data.params["vae.train.epochs"] == "3"
 
 
-def test_resume_point_needs_this_run_and_this_config(retried):
+def test_prepare_run_resumes_only_under_the_same_params_inputs_and_code(retried, tmp_path):
+    """The finished stage's last.pt is resumed (nothing left to train); a copy of the project with
+    other params, or other inputs, starts afresh: its stage folder is cleared and re-stamped."""
     root, _, _, _ = retried
     layout, params = Layout(root), load_params(root / "params.yaml")
     last = layout.stage_dir("vae") / "last.pt"
-    assert resume_point("vae", params, layout, not_before=0.0) == last
-    assert resume_point("vae", params, layout, not_before=last.stat().st_mtime + 1) is None  # a leftover
-    for i, change in enumerate(({"vae.train.lr": 0.002}, {"vae.model.latent_channels": 4}, {"text.max_tokens": 16})):
-        changed = make_project(root.parent / f"changed{i}", None, {**FAST_VAE, **change})
-        assert resume_point("vae", load_params(changed / "params.yaml"), layout) is None, change
-    assert resume_point("diffusion", params, layout) is None  # nothing there
+    assert prepare_run("vae", params, layout) == last and last.is_file()
+    for i, change in enumerate(({"vae.train.lr": 0.002}, {"text.max_tokens": 16}, "input")):
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(root / "outputs", copy / "outputs")
+        if change == "input":
+            with open(copy / "outputs/preprocess/index.csv", "a") as f:
+                f.write("\n")
+            changed = params
+        else:
+            changed = load_params(make_project(tmp_path / f"changed{i}", None, {**FAST_VAE, **change}) / "params.yaml")
+        assert prepare_run("vae", changed, Layout(copy)) is None, change
+        assert sorted(p.name for p in (copy / "outputs/vae").iterdir()) == [RESUME_FILE], change
+        assert prepare_run("vae", changed, Layout(copy)) is None  # still nothing to resume: no last.pt
+    assert prepare_run("diffusion", params, Layout(tmp_path / "copy0")) is None  # nothing there
 
 
 @pytest.mark.parametrize("exc, permanent", [

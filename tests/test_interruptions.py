@@ -1,0 +1,145 @@
+"""Interrupted stages: a stage dies with the dvc process that started it, a killed MLflow run is
+marked KILLED, and a killed training stage resumes with at most one epoch redone and the same
+final weights as an uninterrupted run (16 sprites, the tiny profile, CPU)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, TESTS
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "POKESPRITE_TRACKING": "off", "CI": "true"}
+
+
+def test_a_stage_finds_the_dvc_process_above_it(tmp_path):
+    """A process named dvc, two levels up (dvc -> sh -> python, as DVC runs a stage's command)."""
+    (tmp_path / "dvc").symlink_to(sys.executable)
+    child = "from flows.run import dvc_ancestor; import os; print(dvc_ancestor(), flush=True)"
+    shell = f"{sys.executable} -c {child!r}"
+    parent = f"import subprocess, os; print(os.getpid(), flush=True); subprocess.run(['sh', '-c', {shell!r}])"
+    out = subprocess.run([str(tmp_path / "dvc"), "-c", parent], env=ENV, capture_output=True, text=True, timeout=60)
+    dvc_pid, found = out.stdout.split()
+    assert found == dvc_pid, out.stderr
+    assert subprocess.run([sys.executable, "-c", child], env=ENV, capture_output=True, text=True,
+                          timeout=60).stdout.strip() == "None"
+
+
+def test_a_stage_stops_when_its_dvc_process_dies():
+    script = textwrap.dedent("""
+        import subprocess, time
+        from flows.run import stop_with
+        dvc = subprocess.Popen(["sleep", "60"])
+        stop_with(dvc.pid, poll_s=0.05)
+        dvc.kill(); dvc.wait()
+        try:
+            time.sleep(30)
+            print("ran on")
+        except KeyboardInterrupt:
+            print("interrupted")
+    """)
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "interrupted" and time.monotonic() - start < 20, out.stderr
+
+
+def test_a_killed_runs_mlflow_run_is_marked_killed(tmp_path):
+    import mlflow
+
+    from pokesprite.tracking import HOST_TAG, PID_TAG, configure_mlflow, end_dead_runs, ensure_experiment
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "environ", env)
+        uri = configure_mlflow(tmp_path)
+        experiment = ensure_experiment("killed", tmp_path)
+        client = mlflow.MlflowClient(uri, uri)
+        import socket
+
+        runs = {}
+        for who, pid in (("dead", dead.pid), ("alive", os.getpid())):
+            run = client.create_run(experiment, tags={"stage": "vae", PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
+            runs[who] = run.info.run_id
+        assert end_dead_runs(experiment, "vae") == [runs["dead"]]
+        assert client.get_run(runs["dead"]).info.status == "KILLED"
+        assert client.get_run(runs["alive"]).info.status == "RUNNING"
+        assert end_dead_runs(experiment, "diffusion") == []
+
+
+# --- kill -9 in each training stage, then run it again ------------------------------------------
+
+EPOCHS = {"vae": 4, "diffusion": 4, "finetune": 4}
+
+
+def project(root: Path, processed: Path) -> Path:
+    params = yaml.safe_load((TESTS / "tiny_params.yaml").read_text())
+    for stage, epochs in EPOCHS.items():
+        params[stage]["train"].update(epochs=epochs, save_every=1, checkpoint_every=0, sample_every=0)
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "outputs").mkdir()
+    os.symlink(processed, root / "outputs/preprocess")
+    return root
+
+
+def train(root: Path, stage: str, *, kill_after_epoch: int = 0) -> subprocess.CompletedProcess | None:
+    """``pokesprite train --stage STAGE`` in ``root``; with ``kill_after_epoch``, SIGKILL it once its
+    last.pt holds that epoch."""
+    cmd = [sys.executable, "-m", "pokesprite.cli", "train", "--stage", stage, "--root", str(root), "--no-mlflow"]
+    if not kill_after_epoch:
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = root / "outputs" / stage / "last.pt"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if torch.load(last, weights_only=True)["epoch"] >= kill_after_epoch:
+                break
+        except Exception:  # not there yet, or being replaced
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, f"{stage} ended before epoch {kill_after_epoch}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["train"]["model"]
+
+
+@pytest.fixture(scope="module")
+def straight(processed, tmp_path_factory):
+    """Each training stage run once, uninterrupted: the reference weights."""
+    root = project(tmp_path_factory.mktemp("straight") / "p", processed)
+    for stage in ("alignment", "vae", "diffusion", "finetune"):
+        out = train(root, stage)
+        assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("stage", ["vae", "diffusion", "finetune"])
+def test_a_killed_stage_resumes_and_ends_with_the_same_weights(straight, processed, tmp_path, stage):
+    root = project(tmp_path / "p", processed)
+    for earlier in ("alignment", "vae", "diffusion")[: ("vae", "diffusion", "finetune").index(stage) + 1]:
+        if earlier != stage:  # the stages before it: copies of the straight run's
+            import shutil
+
+            shutil.copytree(straight / "outputs" / earlier, root / "outputs" / earlier)
+    train(root, stage, kill_after_epoch=2)
+    out = train(root, stage)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{stage}: resuming from" in out.stderr and "(epoch 2 of 4)" in out.stderr, out.stderr[-3000:]
+    final, reference = weights(root / "outputs" / stage / "last.pt"), weights(straight / "outputs" / stage / "last.pt")
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final), stage
