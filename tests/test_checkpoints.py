@@ -83,8 +83,10 @@ def test_no_entry_point_unpickles_code(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--vae-checkpoint", "--diffusion-checkpoint"])
-def test_cli_refuses_a_payload_before_any_work(tmp_path, flag, capsys):
+def test_cli_refuses_a_payload_before_any_work(tmp_path, flag, capsys, monkeypatch):
     from pokesprite.cli import main
+
+    monkeypatch.setenv("POKESPRITE_TRACKING", "off")  # what --no-mlflow sets in this process: undone after
 
     marker = tmp_path / "ran"
     path = plant(tmp_path / "evil.pt", marker, kind="diffusion" if flag != "--vae-checkpoint" else "vae")

@@ -53,21 +53,22 @@ def test_a_stage_stops_when_its_dvc_process_dies():
     assert out.stdout.strip() == "interrupted" and time.monotonic() - start < 20, out.stderr
 
 
-def test_a_killed_runs_mlflow_run_is_marked_killed(tmp_path):
+def test_a_killed_runs_mlflow_run_is_marked_killed(tmp_path, monkeypatch):
+    import socket
+
     import mlflow
 
     from pokesprite.tracking import HOST_TAG, PID_TAG, configure_mlflow, end_dead_runs, ensure_experiment
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(os, "environ", env)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # restored after the test
+        monkeypatch.delenv(var, raising=False)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
         uri = configure_mlflow(tmp_path)
         experiment = ensure_experiment("killed", tmp_path)
         client = mlflow.MlflowClient(uri, uri)
-        import socket
-
         runs = {}
         for who, pid in (("dead", dead.pid), ("alive", os.getpid())):
             run = client.create_run(experiment, tags={"stage": "vae", PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
@@ -76,6 +77,9 @@ def test_a_killed_runs_mlflow_run_is_marked_killed(tmp_path):
         assert client.get_run(runs["dead"]).info.status == "KILLED"
         assert client.get_run(runs["alive"]).info.status == "RUNNING"
         assert end_dead_runs(experiment, "diffusion") == []
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 # --- kill -9 in each training stage, then run it again ------------------------------------------
