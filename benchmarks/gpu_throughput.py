@@ -61,6 +61,7 @@ from pokesprite.losses import PerceptualLoss, kl_free_bits, noise_loss
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
+from pokesprite.pipeline import guided_output
 from pokesprite.models.vgg import BLOCK_WIDTHS, VGGFeatures, load_vgg, make_layers
 
 TRAIN_SPRITES = 718  # the training split
@@ -243,12 +244,11 @@ def sample_stage(p, batch: int, device, args) -> dict:
 
     @torch.no_grad()
     def unet_step():
-        with autocast:
-            out = unet((torch.cat([x, x]) if guided else x).contiguous(memory_format=memory), t, context, mask)
-        out = out.float()
-        if guided:
-            out = out[:batch] + scale * (out[batch:] - out[:batch])
-        return x - 1e-3 * out  # the sampler's update: elementwise, negligible
+        xs = x.contiguous(memory_format=memory)
+        with autocast:  # as SpritePipeline draws: both halves in one batch, combined in fp32
+            out = guided_output(unet, xs, t[:batch], context[batch:], mask[batch:], context[:batch], mask[:batch],
+                                scale) if guided else unet(xs, t, context, mask)
+        return x - 1e-3 * out.float()  # the sampler's update: elementwise, negligible
 
     @torch.no_grad()
     def decode():

@@ -35,18 +35,13 @@ def dvc_ancestor(pid: int | None = None) -> int | None:
 def stop_with(pid: int, poll_s: float = 1.0) -> threading.Thread:
     """Interrupt this process (as Ctrl-C would: the stage saves what it has and says how to resume)
     when process ``pid`` ends: a stage must not run on as an orphan beside the next ``dvc repro``."""
+    from pokesprite.tracking import pid_alive
+
     def watch():
-        while True:
+        while pid_alive(pid):
             time.sleep(poll_s)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                logging.getLogger(__name__).warning("the dvc process %d that started this stage has ended; "
-                                                    "stopping", pid)
-                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also wakes a blocked call
-                return
-            except PermissionError:
-                pass
+        logging.getLogger(__name__).warning("the dvc process %d that started this stage has ended; stopping", pid)
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also wakes a blocked call
 
     thread = threading.Thread(target=watch, name="stop-with-dvc", daemon=True)
     thread.start()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import difflib
 import functools
 import hashlib
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pokesprite import stages
-from pokesprite.config import to_dict
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent  # the repository: pokesprite/ and flows/
@@ -301,13 +299,6 @@ def dvc_yaml() -> str:
 
 # --- resuming an interrupted training stage ------------------------------------------------------
 
-def _key(params, dotted: str):
-    node = params
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return to_dict(node) if dataclasses.is_dataclass(node) else node
-
-
 def _hash_tree(h, path: Path) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
     for f in files:
@@ -320,7 +311,7 @@ def _hash_tree(h, path: Path) -> None:
 def fingerprint(spec: StageSpec, params, layout: stages.Layout) -> str:
     """sha256 of what a stage's result depends on: its params, the data and outputs it reads, and
     its code (``code_deps``), i.e. what DVC compares to decide that the stage must run."""
-    h = hashlib.sha256(json.dumps({k: _key(params, k) for k in spec.params}, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(stages.stage_params(params, spec.params), sort_keys=True, default=str).encode())
     for dep in spec.deps:
         _hash_tree(h, layout.raw if dep == "data" else layout.out / dep)
     for dep in code_deps(spec):
