@@ -141,6 +141,53 @@ def test_sprites_with_alpha_in_other_modes_composite_like_rgba(full_source):
     assert np.abs(out[alpha > 127].astype(int) - np.asarray(hard.convert("RGB"))[alpha > 127]).mean() < 8
 
 
+def write_png16(path, samples, color_type, key=None):
+    """A 16-bit PNG (PIL writes none with colour): ``samples`` uint16 HxW or HxWxC, ``key`` the tRNS values."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+    trns = chunk(b"tRNS", struct.pack(f">{len(key)}H", *key)) if key else b""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                     + trns + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_sprites_are_scaled_like_their_8_bit_originals(full_source, tmp_path):
+    """A real sprite saved as 16-bit RGBA, 16-bit grey with a transparent grey, and 16-bit RGB with a
+    transparent colour composites as the 8-bit sprite does (no white silhouette, no lost key)."""
+    with Image.open(full_source / "small_images/025.png") as im:
+        rgba = np.asarray(im.convert("RGBA"))
+    clear = rgba[..., 3] <= 127
+    hard = rgba.copy()
+    hard[..., 3] = np.where(clear, 0, 255)
+    background = (255, 255, 255)
+
+    def composite(path):
+        raw.check_image(path)  # the raw check admits each of them
+        with Image.open(path) as im:
+            return np.asarray(to_square_rgb(im, 215, background))
+
+    write_png16(tmp_path / "rgba.png", rgba.astype(np.uint16) * 257, 6)
+    assert np.array_equal(composite(tmp_path / "rgba.png"), np.asarray(to_square_rgb(Image.fromarray(rgba), 215,
+                                                                                        background)))
+    grey = np.asarray(Image.fromarray(rgba).convert("L"))
+    grey16 = np.where(clear, 1, grey.astype(np.uint16) * 257)  # 1 is no opaque grey (multiples of 257)
+    write_png16(tmp_path / "grey.png", grey16, 0, key=(1,))
+    expected = np.dstack([grey] * 3 + [hard[..., 3]])
+    assert np.array_equal(composite(tmp_path / "grey.png"), np.asarray(to_square_rgb(Image.fromarray(expected), 215,
+                                                                                        background)))
+    used = {tuple(c) for c in hard[~clear, :3]}
+    colour = next((r, 7, 9) for r in range(256) if (r, 7, 9) not in used)
+    rgb16 = np.where(clear[..., None], np.array(colour, np.uint16) * 256 + 5, hard[..., :3].astype(np.uint16) * 257)
+    write_png16(tmp_path / "rgb.png", rgb16, 2, key=tuple(int(v) * 256 + 5 for v in colour))
+    out = composite(tmp_path / "rgb.png")
+    assert np.array_equal(out, np.asarray(to_square_rgb(Image.fromarray(hard), 215, background)))
+
+
 def test_table_without_header_column_is_named(raw_subset, tmp_path):
     bad = broken_copy(raw_subset, tmp_path)
     (bad / "pokemon.csv").write_text("a,b\n1,2\n")

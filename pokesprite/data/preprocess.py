@@ -39,9 +39,32 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip('"').strip()
 
 
+def to_rgba(im: Image.Image) -> Image.Image:
+    """8-bit RGBA from any mode the raw check admits, 16-bit PNGs scaled rather than clipped.
+
+    PIL reads 16-bit RGBA and grey+alpha PNGs as 8-bit already (the high byte of each sample), but
+    16-bit grey stays ``I;16``, whose ``convert`` clips at 255 (a white silhouette), and the
+    transparent colour of 16-bit RGB stays a 16-bit key that no 8-bit pixel equals. Those two are
+    keyed and scaled here; a 16-bit RGB key matches on the high byte, as the pixels are read.
+    """
+    key = im.info.get("transparency")
+    if im.mode.startswith("I"):
+        grey = np.asarray(im).astype(np.int64)
+        scaled = np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8)
+        alpha = np.full(grey.shape, 255, np.uint8) if key is None else np.where(grey == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.dstack([scaled] * 3 + [alpha]), "RGBA")
+    tile = getattr(im, "tile", None)  # only a file not yet loaded has one
+    sixteen = bool(tile) and str(tile[0][3]).endswith(";16B")  # the raw mode, before loading
+    if im.mode == "RGB" and isinstance(key, tuple) and sixteen:
+        rgb = np.asarray(im.convert("RGB"))
+        alpha = np.where((rgb == np.array([v >> 8 for v in key], np.uint8)).all(-1), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    return im.convert("RGBA")
+
+
 def to_square_rgb(im: Image.Image, size: int, background: tuple[int, int, int]) -> Image.Image:
     """Composite onto ``background``, then fit into ``size`` x ``size`` keeping the aspect ratio."""
-    rgba = im.convert("RGBA")
+    rgba = to_rgba(im)
     canvas = Image.new("RGBA", rgba.size, background + (255,))
     rgb = Image.alpha_composite(canvas, rgba).convert("RGB")
     if rgb.size == (size, size):
