@@ -20,6 +20,7 @@ import numpy as np
 
 from pokesprite.diffusion.samplers import SAMPLERS
 from pokesprite.images import WHITE, key_background, parse_colour, save_image_atomic
+from pokesprite.pipeline import MAX_PROMPT_CHARS
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check; before gradio is imported
 
@@ -48,6 +49,8 @@ def check_request(prompt, seed, steps, guidance, count, sampler, rgb, *, max_ste
     if not prompt:
         raise ValueError("Prompt is empty: describe the sprite to draw, e.g. \"a small green creature "
                          "with a bulb on its back\".")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"Prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are accepted.")
 
     def whole(value, name, lo, hi):
         try:
@@ -180,9 +183,11 @@ def build_app(studio: SpriteStudio, *, out_dir: Path):
         files = save_sprites(studio.draw(req), req, out_dir)
         pngs = [str(p) for p in files if p.suffix == ".png"]
         kind = "RGB" if req.rgb else "transparent (RGBA)"
+        notes = "".join(f"\n\n**Note:** the prompt {note.split(' ', 2)[2]}." for note in
+                        studio.pipeline.truncation_notes([req.prompt]))  # "prompt 0 is ..." -> "the prompt is ..."
         return pngs, [str(p) for p in files], (f"Drew {len(pngs)} {kind} sprite(s) of \"{req.prompt}\" with seed "
                                               f"{req.seed}, {req.steps} {req.sampler} steps, guidance "
-                                              f"{req.guidance:g} in {time.perf_counter() - start:.1f} s.")
+                                              f"{req.guidance:g} in {time.perf_counter() - start:.1f} s.{notes}")
 
     with gr.Blocks(title="pokesprite", analytics_enabled=False) as app:
         gr.Markdown(f"# pokesprite\nServing **{studio.label}**. The same prompt and seed give the same sprites.",

@@ -150,12 +150,15 @@ def check_generate_args(args) -> str | None:
     import math
 
     from pokesprite.config import SampleConfig, ScheduleConfig, load_params, sampler_names
+    from pokesprite.pipeline import MAX_PROMPT_CHARS
 
     params = load_params("params.yaml") if Path("params.yaml").is_file() else None
     sample = params.diffusion.sample if params else SampleConfig()
     timesteps = params.diffusion.schedule.timesteps if params else ScheduleConfig().timesteps
     if not args.prompt.strip():
         return 'the prompt is empty; pass "" only through the served model, as the unconditional prompt'
+    if len(args.prompt) > MAX_PROMPT_CHARS:
+        return f"the prompt is {len(args.prompt)} characters long; at most {MAX_PROMPT_CHARS} are accepted"
     if not 1 <= args.n <= sample.max_sprites:
         return f"-n {args.n}: draw 1..{sample.max_sprites} sprites at a time (diffusion.sample.max_sprites)"
     if args.steps is not None and not 1 <= args.steps <= timesteps:

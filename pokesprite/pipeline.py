@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import contextlib
+import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -29,6 +31,12 @@ from pokesprite.checkpoints import atomic_save, load_checkpoint
 
 PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
+log = logging.getLogger(__name__)
+MAX_PROMPT_CHARS = 1000  # longer prompts are refused: the encoder reads at most text.max_tokens anyway
+
+
+class DrawingTimeout(TimeoutError):
+    """A request's deadline passed while its sprites were being drawn; the drawing stopped there."""
 
 
 def load_diffusion_checkpoint(path: Path) -> dict:
@@ -86,6 +94,8 @@ class SpritePipeline:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise ValueError(f"prompt {i} is {type(p).__name__} {p!r}, not text")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt {i} is {len(p)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
         if num_steps is not None and not (isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
                                           and 1 <= num_steps <= self.schedule.timesteps):
             raise ValueError(f"num_steps must be a whole number in 1..{self.schedule.timesteps}, got {num_steps!r}")
@@ -98,18 +108,32 @@ class SpritePipeline:
                 raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        for note in self.truncation_notes(prompts):
+            log.warning(note)
         return prompts
+
+    def truncation_notes(self, prompts: list[str]) -> list[str]:
+        """One line per distinct prompt longer than the text encoder reads (``text.max_tokens``, [CLS] and
+        [SEP] included), naming its first index."""
+        limit, first = self.text.max_tokens, {}
+        for i, p in enumerate(prompts):
+            first.setdefault(p, i)
+        counts = [len(ids) for ids in self.text.tokenizer(list(first))["input_ids"]]
+        return [f"prompt {i} is {n} tokens long; only its first {limit} are read (text.max_tokens), the rest "
+                "is ignored" for i, n in zip(first.values(), counts) if n > limit]
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
                  guidance_scale: float | None = None, sampler: str | None = None,
-                 precision: str = "fp32", batch: int | None = None) -> np.ndarray:
+                 precision: str = "fp32", batch: int | None = None, deadline: float | None = None) -> np.ndarray:
         """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
 
         ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``; the request is
-        checked first (``check_request``). At most ``batch`` (default ``self.sample.batch``) sprites are
-        drawn at a time; batch k of a larger request is seeded with ``seed + k``. ``precision="bf16"``
-        runs the U-Net and the decoder under bf16 autocast; the sampler's update stays fp32.
+        checked first (``check_request``), and prompts the encoder truncates are warned about. At most
+        ``batch`` (default ``self.sample.batch``) sprites are drawn at a time; batch k of a larger request
+        is seeded with ``seed + k``. ``precision="bf16"`` runs the U-Net and the decoder under bf16
+        autocast; the sampler's update stays fp32. ``deadline`` (a ``time.monotonic()`` value) stops the
+        drawing with ``DrawingTimeout`` at the first step that starts after it.
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -123,14 +147,14 @@ class SpritePipeline:
             m.eval()
         try:
             return np.concatenate([self._draw(prompts[i:i + batch], int(seed) + k, steps, scale,
-                                              sampler or self.sample.sampler, precision)
+                                              sampler or self.sample.sampler, precision, deadline)
                                    for k, i in enumerate(range(0, len(prompts), batch))])
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
 
     def _draw(self, prompts: list[str], seed: int, steps: int, scale: float, sampler: str,
-              precision: str) -> np.ndarray:
+              precision: str, deadline: float | None = None) -> np.ndarray:
         device, n = self.device, len(prompts)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
@@ -144,6 +168,9 @@ class SpritePipeline:
         c, s = self.unet.cfg.latent_channels, self.vae.latent_size
         x = torch.randn((n, c, s, s), generator=g).to(device)
         for i, t in enumerate(sampler_.timesteps):
+            if deadline is not None and time.monotonic() > deadline:
+                raise DrawingTimeout(f"the request's time ran out at step {i + 1} of {len(sampler_.timesteps)}; "
+                                     "drawing stopped")
             t = t.repeat(n).to(device)
             with autocast:
                 if scale == 1.0:

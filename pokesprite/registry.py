@@ -12,11 +12,14 @@ a checkout of this repository:
 """
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -28,6 +31,7 @@ EXAMPLE_PROMPTS = ["a small green creature with a bulb on its back"]
 RUNTIME_PACKAGES = ["torch", "torchvision", "transformers", "numpy", "pandas", "pillow", "tqdm", "pyyaml", "scipy"]
 FORMATS = ("array", "png")  # the ``format`` request param
 SPRITE_PARAMS = ("seed", "num_steps", "guidance_scale", "sampler", "format", "rgb", "background")
+log = logging.getLogger(__name__)
 
 
 def requirements() -> list[str]:
@@ -35,6 +39,15 @@ def requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
+
+
+def serving_deadline() -> float | None:
+    """Under ``mlflow models serve``, when the server gives up on a request (it answers 504 after
+    ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` seconds, 60 by default, but cannot stop the model): the
+    drawing stops there too instead of computing on for nobody. None elsewhere."""
+    if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():
+        return None
+    return time.monotonic() + MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
 
 def prompts_from_input(model_input) -> list[str]:
@@ -128,6 +141,8 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
         self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
 
     def predict(self, context, model_input, params=None):
+        from pokesprite.pipeline import DrawingTimeout
+
         params = params or {}
         try:
             fmt = str(params.get("format") or "array")
@@ -139,9 +154,13 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"{len(prompts)} prompts: this model draws at most {limit} sprites per request")
             images = self.pipeline(prompts, seed=int(params.get("seed", 0)),
                                    num_steps=params.get("num_steps"), guidance_scale=params.get("guidance_scale"),
-                                   sampler=params.get("sampler"))
+                                   sampler=params.get("sampler"), deadline=serving_deadline())
         except ValueError as e:  # bad params or prompts: the caller's to fix
             raise MlflowException.invalid_parameter_value(str(e)) from e
+        except DrawingTimeout as e:  # the server has answered 504 already; this frees the worker
+            log.warning("%s after %s s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)", e,
+                        MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+            raise MlflowException(str(e)) from e
         return encode_sprites(images, fmt=fmt, rgb=bool(params.get("rgb", False)), background=background)
 
 

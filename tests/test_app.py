@@ -29,7 +29,7 @@ from PIL import Image
 
 from pokesprite.app import MAX_SPRITES, ServeError, check_request, load_studio
 from pokesprite.images import key_background
-from pokesprite.pipeline import SpritePipeline
+from pokesprite.pipeline import MAX_PROMPT_CHARS, SpritePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "serve.png"  # rewritten when POKESPRITE_UPDATE_SCREENSHOT=1
@@ -102,9 +102,9 @@ def env() -> dict:
 class Server:
     """A command serving on 127.0.0.1:port in its own process group, stopped with the group."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path, ready_path: str = "/"):
+    def __init__(self, cmd: list[str], port: int, log: Path, ready_path: str = "/", extra_env: dict | None = None):
         self.url, self.log = f"http://127.0.0.1:{port}", log
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env(),
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**env(), **(extra_env or {})},
                                      cwd=ROOT, start_new_session=True)
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -156,7 +156,8 @@ def test_check_request_accepts_good_inputs_and_names_the_bad_field():
            "Seed must be a whole number": dict(seed=-1),
            f"Number of sprites must be a whole number from 1 to {MAX_SPRITES}": dict(count=MAX_SPRITES + 1),
            "Guidance scale must be between 0 and 20": dict(guidance=None),
-           "Sampler must be one of ddpm, ddim": dict(sampler="euler")}
+           "Sampler must be one of ddpm, ddim": dict(sampler="euler"),
+           f"Prompt is {MAX_PROMPT_CHARS + 1} characters long": dict(prompt="x" * (MAX_PROMPT_CHARS + 1))}
     good = dict(prompt="x", seed=0, steps=10, guidance=3.0, count=1, sampler="ddpm", rgb=True)
     for message, change in bad.items():
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -208,10 +209,13 @@ def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry):
 
 
 def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipeline_dir, tmp_path):
-    port = free_port()
+    """Also: a request that runs past the server's timeout gets 504, and its drawing stops soon after
+    (the server alone would leave it computing for nobody)."""
+    port, timeout = free_port(), 8
     server = Server([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
                      "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)], port,
-                    tmp_path / "rest.log", ready_path="/ping")
+                    tmp_path / "rest.log", ready_path="/ping",
+                    extra_env={"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(timeout)})
     try:
         url = server.url + "/invocations"
         status, body = post(url, {"inputs": [PROMPT, PROMPT], "params": {"seed": 0, "format": "png"}})
@@ -226,6 +230,17 @@ def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipel
         assert "unknown request param(s) sed;" in body["message"]
         status, body = post(url, {"inputs": [PROMPT], "params": {"format": "gif"}})
         assert status == 400 and "unknown format 'gif'" in body["message"]
+
+        start = time.monotonic()  # 64 sprites x 1000 steps: minutes on the CPU
+        req = urllib.request.Request(url, json.dumps({"inputs": [PROMPT] * 64, "params": {
+            "num_steps": 1000, "sampler": "ddpm"}}).encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=120)
+        assert e.value.code == 504 and time.monotonic() - start < timeout + 5
+        while "drawing stopped" not in server.log.read_text() and time.monotonic() - start < timeout + 20:
+            time.sleep(0.5)
+        assert re.search(r"the request's time ran out at step \d+ of 1000; drawing stopped after 8 s",
+                         server.log.read_text()), server.log.read_text()[-3000:]
     finally:
         server.stop()
 
@@ -248,6 +263,20 @@ def test_generate_writes_rgba_pngs_with_normal_permissions_or_rgb(registry, tmp_
     rgba, rgb = Image.open(files[0]), Image.open(tmp_path / "rgb" / "sprite_1_00.png")
     assert rgba.mode == "RGBA" and rgb.mode == "RGB" and rgba.size == rgb.size == (215, 215)
     assert np.array_equal(np.asarray(rgba), key_background(np.asarray(rgb)))
+
+
+def test_long_prompts_are_refused_or_warned_and_a_deadline_stops_the_drawing(pipeline_dir, caplog):
+    from pokesprite.pipeline import DrawingTimeout
+
+    pipe = SpritePipeline.load(pipeline_dir)  # its encoder reads 16 tokens
+    with caplog.at_level("WARNING", logger="pokesprite.pipeline"):
+        pipe([PROMPT[:20], "word " * 30, "word " * 30, "word " * 20], num_steps=1)
+    assert caplog.messages == [f"prompt {i} is {n} tokens long; only its first 16 are read (text.max_tokens), the "
+                               "rest is ignored" for i, n in ((1, 32), (3, 22))]
+    with pytest.raises(ValueError, match=f"prompt 0 is {MAX_PROMPT_CHARS + 1} characters long"):
+        pipe(["x" * (MAX_PROMPT_CHARS + 1)])
+    with pytest.raises(DrawingTimeout, match="ran out at step 1 of 2"):
+        pipe([PROMPT], deadline=time.monotonic())
 
 
 # --- the page in a browser ----------------------------------------------------------------------
@@ -324,6 +353,10 @@ def test_page_draws_transparent_sprites_from_a_pipeline_folder(pipeline_dir, chr
             if os.environ.get("POKESPRITE_UPDATE_SCREENSHOT") == "1":
                 SCREENSHOT.parent.mkdir(exist_ok=True)
                 Image.open(tmp_path / "serve.png").convert("RGB").quantize(128).save(SCREENSHOT, optimize=True)
+            page.locator("#prompt textarea").fill("word " * 30)  # past the 16 tokens this encoder reads
+            page.locator("#draw").click()
+            expect(status).to_contain_text("Note: the prompt is 32 tokens long; only its first 16 are read",
+                                           timeout=120_000)
             browser.close()
     finally:
         server.stop()

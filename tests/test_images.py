@@ -167,6 +167,15 @@ def test_generate_refuses_an_empty_prompt(tmp_path, monkeypatch, capsys):
     assert "the prompt is empty" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_prompt_past_the_length_limit(tmp_path, monkeypatch, capsys):
+    from pokesprite.cli import main
+    from pokesprite.pipeline import MAX_PROMPT_CHARS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a" * (MAX_PROMPT_CHARS + 1), "--model", "models:/none@champion"]) == 2
+    assert f"the prompt is {MAX_PROMPT_CHARS + 1} characters long" in capsys.readouterr().err
+
+
 def test_served_prompts_must_be_text():
     import pandas as pd
 
