@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults)
@@ -125,10 +126,56 @@ def pipeline_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
     return {name: run_stage(name, params_file, root) for name in STAGES}
 
 
+def process_tags() -> list[str]:
+    """Flow-run tags naming the process that runs it, so a later run can tell that it died."""
+    return [f"host:{socket.gethostname()}", f"pid:{os.getpid()}"]
+
+
+def end_dead_flow_runs() -> list[str]:
+    """Mark Crashed the Running (or Pending) flow runs, and their running task runs, started on this
+    machine by a process that no longer exists. A process killed with SIGKILL (or by the OOM killer,
+    or a lost machine) cannot report its end, so without this its flow run stays Running in the UI
+    forever. Returns the names of the runs marked."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
+                                                FlowRunFilterStateType, FlowRunFilterTags, TaskRunFilter,
+                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from pokesprite.tracking import pid_alive
+
+    live = [StateType.RUNNING, StateType.PENDING]
+    marked = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live)),
+            tags=FlowRunFilterTags(all_=[f"host:{socket.gethostname()}"])))
+        for run in runs:
+            pid = next((t.removeprefix("pid:") for t in run.tags if t.startswith("pid:")), "")
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            message = (f"process {pid} on {socket.gethostname()} ended without reporting (killed); "
+                       "marked when the next pokesprite run started")
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            for task_run in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                    task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=live)))):
+                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            log.warning("Prefect flow run %s (process %s) had died; marked Crashed", run.name, pid)
+            marked.append(run.name)
+    return marked
+
+
 def run_flow(stage: str, params_file: str = "params.yaml", root: str = ".") -> dict:
-    """``stage`` (a name in the table) or ``pipeline`` as a tagged flow run."""
+    """``stage`` (a name in the table) or ``pipeline`` as a tagged flow run, after marking the flow
+    runs of killed processes Crashed."""
+    try:
+        end_dead_flow_runs()
+    except Exception as e:  # tidying the record of earlier runs must not stop this one
+        log.warning("could not check for flow runs of killed processes: %s", e)
     if stage == "pipeline":
-        with tags(*run_tags("pipeline")):
+        with tags(*run_tags("pipeline"), *process_tags()):
             return pipeline_flow(params_file=params_file, root=root)
-    with tags(*run_tags(f"stage:{stage}")):
+    with tags(*run_tags(f"stage:{stage}"), *process_tags()):
         return stage_flow(stage=stage, params_file=params_file, root=root)

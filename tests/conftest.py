@@ -1,7 +1,10 @@
 """Shared fixtures: a 16-sprite slice of the real dataset and the tiny params profile."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,34 @@ def processed(raw_subset, tiny_params, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("processed") / "preprocess"
     preprocess(tiny_params.data, raw_dir=raw_subset, out_dir=out, seed=tiny_params.seed)
     return out
+
+
+def run(cmd, cwd, env, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def dvc_project(root: Path, raw_subset: Path, params_text: str) -> dict:
+    """A throwaway pokesprite project as a user has it: the code, dvc.yaml and ``params_text`` as
+    params.yaml in a git repository with DVC, the raw subset imported and added; returns the
+    environment to run its commands in (its own Prefect home, no MLflow or Prefect server from outside)."""
+    for name in ("pokesprite", "flows"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copyfile(ROOT / name, root / name)
+    (root / "params.yaml").write_text(params_text)
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_HOME": str(root / ".prefect"),
+           "PYTHONUNBUFFERED": "1"}
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "POKESPRITE_TRACKING"):
+        env.pop(var, None)  # (earlier tests in this process may have set them)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@pokesprite"],
+                ["git", "config", "user.name", "pokesprite tests"], ["dvc", "init", "-q"],
+                ["dvc", "config", "core.analytics", "false"],
+                [sys.executable, "-m", "pokesprite.cli", "data", "import", str(raw_subset)],
+                ["dvc", "add", "-q", "data"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
+        run(cmd, root, env)
+    return env

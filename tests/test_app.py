@@ -124,8 +124,12 @@ class Server:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
+        try:  # a worker still busy with a request outlives its server's SIGTERM
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:

@@ -13,48 +13,23 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS
+from conftest import ROOT, TESTS, dvc_project, run
 
 pytestmark = pytest.mark.slow
 STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
 TRAINING = ("alignment", "vae", "diffusion", "finetune")  # the stages with per-epoch plots
 
 
-def run(cmd, cwd, env, check=True):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def project(raw_subset, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    for name in ("pokesprite", "flows"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copyfile(ROOT / name, root / name)
-    shutil.copyfile(TESTS / "tiny_params.yaml", root / "params.yaml")
-    env = {**os.environ,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_HOME": str(root / ".prefect"),
-           "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # (earlier tests in this process may have set either)
-    env.pop("MLFLOW_REGISTRY_URI", None)
-    env.pop("PREFECT_API_URL", None)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "test@pokesprite"],
-                ["git", "config", "user.name", "pokesprite tests"], ["dvc", "init", "-q"],
-                ["dvc", "config", "core.analytics", "false"],
-                [sys.executable, "-m", "pokesprite.cli", "data", "import", str(raw_subset)],
-                ["dvc", "add", "-q", "data"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
-        run(cmd, root, env)
+    env = dvc_project(root, raw_subset, (TESTS / "tiny_params.yaml").read_text())
     # One Prefect server for the whole module (as `make ui` runs it): each stage reports to it
     # instead of starting a temporary server of its own, which saves ~10 s per stage.
     port = free_port()
