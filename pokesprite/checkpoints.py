@@ -70,3 +70,13 @@ def load_checkpoint(path: Path, kind: str) -> dict:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: expected a {kind} checkpoint, found {found!r}")
     return ckpt
+
+
+def require_weights(ckpt: dict, path: Path, *keys: str) -> dict:
+    """``ckpt`` if it holds the inference weights ``keys``; else a ValueError naming the file (a training
+    checkpoint, last.pt or epoch_NNNN.pt, keeps its weights in its training state only)."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        hint = ": it is a training checkpoint (last.pt, epoch_NNNN.pt); pass the stage's best.pt" if "train" in ckpt else ""
+        raise ValueError(f"{path}: holds no {', '.join(missing)}{hint}")
+    return ckpt

@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
     from pokesprite import stages
     from pokesprite.config import load_params
     from pokesprite.stage_table import STAGES, prepare_run
-    from pokesprite.checkpoints import load_checkpoint
+    from pokesprite.checkpoints import load_checkpoint, require_weights
 
     params = load_params(args.config)
     if args.no_mlflow:
@@ -102,9 +102,10 @@ def cmd_train(args) -> int:
                        ("--resume", args.resume)):
         if path and not Path(path).is_file():  # before any long work
             raise FileNotFoundError(f"{path}: no such checkpoint ({flag})")
-    for path, kind in ((args.vae_checkpoint, "vae"), (args.diffusion_checkpoint, "diffusion")):
-        if path:
-            load_checkpoint(path, kind)  # its kind, and data only, before any long work
+    for path, kind, weights in ((args.vae_checkpoint, "vae", ("state_dict",)),
+                                (args.diffusion_checkpoint, "diffusion", ("unet", "text_proj"))):
+        if path:  # its kind, data only and weights (not a last.pt), before any long work
+            require_weights(load_checkpoint(path, kind), path, *weights)
     resume_kind = None
     if args.resume:
         from pokesprite.checkpoints import read

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import contextlib
-import logging
 import math
 import time
 
@@ -27,11 +26,10 @@ from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule, check_pred
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
-from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.checkpoints import atomic_save, load_checkpoint, require_weights
 
 PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
-log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 1000  # longer prompts are refused: the encoder reads at most text.max_tokens anyway
 
 
@@ -42,7 +40,7 @@ class DrawingTimeout(TimeoutError):
 def load_diffusion_checkpoint(path: Path) -> dict:
     """A stage-2 checkpoint, always with ``prediction`` and ``min_snr_gamma``: older ones, written before
     these existed, trained eps without weighting, so they read as "eps" and 0."""
-    ckpt = load_checkpoint(path, "diffusion")
+    ckpt = require_weights(load_checkpoint(path, "diffusion"), path, "unet", "text_proj")
     ckpt.setdefault("prediction", "eps")
     ckpt.setdefault("min_snr_gamma", 0.0)
     if ckpt["prediction"] not in PREDICTIONS:
@@ -108,8 +106,6 @@ class SpritePipeline:
                 raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        for note in self.truncation_notes(prompts):
-            log.warning(note)
         return prompts
 
     def truncation_notes(self, prompts: list[str]) -> list[str]:
@@ -129,7 +125,7 @@ class SpritePipeline:
         """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
 
         ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``; the request is
-        checked first (``check_request``), and prompts the encoder truncates are warned about. At most
+        checked first (``check_request``). At most
         ``batch`` (default ``self.sample.batch``) sprites are drawn at a time; batch k of a larger request
         is seeded with ``seed + k``. ``precision="bf16"`` runs the U-Net and the decoder under bf16
         autocast; the sampler's update stays fp32. ``deadline`` (a ``time.monotonic()`` value) stops the

@@ -152,6 +152,8 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
             limit = self.pipeline.sample.max_sprites
             if len(prompts) > limit:
                 raise ValueError(f"{len(prompts)} prompts: this model draws at most {limit} sprites per request")
+            for note in self.pipeline.truncation_notes(prompts):  # drawn anyway, from the first tokens
+                log.warning(note)
             images = self.pipeline(prompts, seed=int(params.get("seed", 0)),
                                    num_steps=params.get("num_steps"), guidance_scale=params.get("guidance_scale"),
                                    sampler=params.get("sampler"), deadline=serving_deadline())

@@ -175,13 +175,18 @@ def test_a_folder_that_is_not_a_pipeline_is_named(tmp_path):
 
 # --- the REST model -----------------------------------------------------------------------------
 
-def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry):
+def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry, caplog):
     import mlflow
     from mlflow.exceptions import MlflowException
 
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     prompts = [PROMPT, "a blue turtle"]
-    arrays = model.predict(prompts, params={"seed": 3})
+    with caplog.at_level("WARNING", logger="pokesprite.registry"):
+        arrays = model.predict(prompts, params={"seed": 3})
+        assert not caplog.messages
+        model.predict(["word " * 30], params={"num_steps": 1})  # past the 16 tokens its encoder reads
+    assert caplog.messages == ["prompt 0 is 32 tokens long; only its first 16 are read (text.max_tokens), "
+                               "the rest is ignored"]
     assert arrays.shape == (2, 215, 215, 3) and arrays.dtype == np.uint8
     pngs = model.predict(prompts, params={"seed": 3, "format": "png"})
     assert isinstance(pngs, list) and len(pngs) == 2
@@ -269,14 +274,13 @@ def test_generate_writes_rgba_pngs_with_normal_permissions_or_rgb(registry, tmp_
     assert np.array_equal(np.asarray(rgba), key_background(np.asarray(rgb)))
 
 
-def test_long_prompts_are_refused_or_warned_and_a_deadline_stops_the_drawing(pipeline_dir, caplog):
+def test_long_prompts_are_refused_or_noted_and_a_deadline_stops_the_drawing(pipeline_dir):
     from pokesprite.pipeline import DrawingTimeout
 
     pipe = SpritePipeline.load(pipeline_dir)  # its encoder reads 16 tokens
-    with caplog.at_level("WARNING", logger="pokesprite.pipeline"):
-        pipe([PROMPT[:20], "word " * 30, "word " * 30, "word " * 20], num_steps=1)
-    assert caplog.messages == [f"prompt {i} is {n} tokens long; only its first 16 are read (text.max_tokens), the "
-                               "rest is ignored" for i, n in ((1, 32), (3, 22))]
+    assert pipe.truncation_notes([PROMPT[:20], "word " * 30, "word " * 30, "word " * 20]) == [
+        f"prompt {i} is {n} tokens long; only its first 16 are read (text.max_tokens), the rest is ignored"
+        for i, n in ((1, 32), (3, 22))]
     with pytest.raises(ValueError, match=f"prompt 0 is {MAX_PROMPT_CHARS + 1} characters long"):
         pipe(["x" * (MAX_PROMPT_CHARS + 1)])
     with pytest.raises(DrawingTimeout, match="ran out at step 1 of 2"):

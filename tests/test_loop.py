@@ -81,6 +81,9 @@ def test_fit_learns_and_writes_best_last_and_periodic_checkpoints(tmp_path):
     assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3 and ckpt["stage_config"] == {"toy": True}
     assert set(ckpt["train"]) >= {"model", "optimizer", "scheduler", "ema", "guard", "rng", "history", "epoch"}
     assert ckpt["train_config"]["lr"] == 0.2
+    # each set of weights once per file: the inference weights in best.pt only, training state in last.pt only
+    best = load_checkpoint(tmp_path / "best.pt", "toy")
+    assert "weights" not in ckpt and "train" not in best and set(best["weights"]) == set(ckpt["train"]["model"])
     for key in ("lr", "grad_norm_mean", "grad_norm_max", "skipped_batches", "grad_explosions"):
         assert len(tracker.history[key]) == 3
 
@@ -117,9 +120,11 @@ def test_resume_from_a_mid_run_checkpoint_equals_the_straight_run(tmp_path, ema_
     fit(resumed_stage, cfg(), out_dir=tmp_path / "resumed", resume=tmp_path / "straight" / "epoch_0001.pt")
     a = load_checkpoint(tmp_path / "straight" / "last.pt", "toy")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt", "toy")
-    for k in ("weights",):
-        for name in a[k]:
-            assert torch.equal(a[k][name], b[k][name]), name
+    for name in a["train"]["model"]:
+        assert torch.equal(a["train"]["model"][name], b["train"]["model"][name]), name
+    for name in ("best.pt",):  # the exported (EMA) weights too
+        wa, wb = (load_checkpoint(tmp_path / d / name, "toy")["weights"] for d in ("straight", "resumed"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["history"] == b["history"]
 
 
@@ -184,7 +189,7 @@ def test_save_every_holds_best_in_memory_and_writes_it_at_the_next_save(tmp_path
     best = load_checkpoint(tmp_path / "held" / "best.pt", "toy")
     assert best["epoch"] == 4 and load_checkpoint(tmp_path / "held" / "last.pt", "toy")["epoch"] == 5
     fit(stage(), cfg(epochs=5, checkpoint_every=1), out_dir=tmp_path / "every")
-    epoch4 = load_checkpoint(tmp_path / "every" / "epoch_0004.pt", "toy")["weights"]
+    epoch4 = load_checkpoint(tmp_path / "every" / "epoch_0004.pt", "toy")["train"]["model"]  # = the export here
     assert all(torch.equal(epoch4[k], best["weights"][k]) for k in epoch4)  # the held copy, not later weights
 
 

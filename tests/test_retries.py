@@ -7,7 +7,9 @@ writes to each project's own store.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import mlflow
@@ -142,7 +144,9 @@ def test_the_retry_is_one_task_run_of_a_tagged_flow_run_with_a_link_to_mlflow(re
     flow_run_id = finished.data.tags["prefect_flow_run_id"]
     (flow_run,) = flow_runs_tagged("dvc-exp:lr-sweep-1")
     assert str(flow_run.id) == flow_run_id and flow_run.name == "vae"
-    assert set(flow_run.tags) == {"stage:vae", "dvc-exp:lr-sweep-1"} and flow_run.state.is_completed()
+    assert set(flow_run.tags) == {"stage:vae", "dvc-exp:lr-sweep-1", f"pid:{os.getpid()}",
+                                  f"host:{socket.gethostname()}"}
+    assert flow_run.state.is_completed()
     (task_run,) = task_runs_of(flow_run.id)
     assert task_run.name == "vae" and task_run.run_count == 2 and task_run.state.is_completed()
     with get_client(sync_client=True) as client:

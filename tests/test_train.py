@@ -139,8 +139,8 @@ def test_vae_resume_equals_the_straight_run(processed, tiny_params, tmp_path):
     assert a["history"] == b["history"]
     assert "train_d_loss" not in a["history"][0] and a["history"][1]["train_d_loss"] > 0
     assert a["history"][1]["train_adaptive_weight"] > 0
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
+    for k, v in a["train"]["model"].items():
+        assert torch.equal(v, b["train"]["model"][k]), k
     for k, v in a["train"]["extra"]["disc"].items():
         assert torch.equal(v, b["train"]["extra"]["disc"][k]), k
 
@@ -154,6 +154,7 @@ def test_diffusion_resume_equals_the_straight_run(processed, tiny_params, vae_ru
                     resume=tmp_path / "a" / "epoch_0001.pt", **kw)
     a, b = (load_checkpoint(tmp_path / d / "last.pt", "diffusion") for d in "ab")
     assert a["history"] == b["history"]
-    for part in ("unet", "text_proj"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), k
+    for part in ("model", "ema"):
+        wa, wb = (c["train"]["model"] if part == "model" else c["train"]["ema"]["shadow"] for c in (a, b))
+        for k, v in wa.items():
+            assert torch.equal(v, wb[k]), k

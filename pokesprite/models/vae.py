@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pokesprite.checkpoints import load_checkpoint
+from pokesprite.checkpoints import load_checkpoint, require_weights
 from pokesprite.config import VAEConfig, from_dict
 from pokesprite.models.layers import CrossAttentionBlock, Downsample, ResBlock, Upsample
 
@@ -102,7 +102,7 @@ class VAE(nn.Module):
     def from_checkpoint(cls, path, device="cpu") -> "VAE":
         """The VAE of a finished VAE stage's checkpoint (best.pt), from the file alone: in eval mode on
         ``device``, with the stage's ``latent_scale``."""
-        ckpt = load_checkpoint(path, "vae")
+        ckpt = require_weights(load_checkpoint(path, "vae"), path, "state_dict")
         if "latent_scale" not in ckpt:
             raise ValueError(f"{path}: has no latent scale; use the best.pt that the finished VAE stage writes")
         vae = cls(from_dict(VAEConfig, ckpt["config"], "vae.model"), context_dim=ckpt.get("context_dim") or 0)

@@ -13,9 +13,12 @@ does the rest, identically for all three stages:
   with the best monitored validation metric; with ``save_every`` > 1 it is held in memory and written
   at the next save, which keeps sub-second GPU epochs from waiting on the disk).
 
-Every checkpoint holds the model, optimiser, LR-scheduler, EMA and guard state, the epoch, all RNG
-states, the stage's config and the history, so ``fit(..., resume=path)`` continues exactly where that
-checkpoint was written: on the CPU, 2 epochs straight and 1 + resume + 1 give identical weights.
+``last.pt`` and ``epoch_NNNN.pt`` are training checkpoints: the model, optimiser, LR-scheduler, EMA
+and guard state, the epoch, all RNG states, the stage's config and the history, so ``fit(...,
+resume=path)`` continues exactly where one was written (on the CPU, 2 epochs straight and 1 + resume
++ 1 give identical weights). ``best.pt`` holds the stage's inference weights (``Stage.export``) with
+the configs and history, and no training state. Each file holds each set of weights once: the
+exported state dicts, which the training state can make again, stay out of the training checkpoints.
 """
 from __future__ import annotations
 
@@ -178,9 +181,15 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         epochs = state.get("epochs", cfg.epochs)
         log.info("%s: resuming from %s after epoch %d of %d", stage.name, resume, state["epoch"], epochs)
 
-    def checkpoint(epoch: int, exported: dict) -> dict:
-        return {"kind": stage.name, **exported, "epoch": epoch, "history": history,
-                "train_config": to_dict(cfg), "stage_config": stage.config,
+    def weights_file(epoch: int, exported: dict) -> dict:
+        """best.pt: the inference weights and configs."""
+        return {"kind": stage.name, **exported, "epoch": epoch, "history": list(history),
+                "train_config": to_dict(cfg), "stage_config": stage.config}
+
+    def training_file(epoch: int, exported: dict) -> dict:
+        """last.pt / epoch_NNNN.pt: the training state, and the export's settings without its weights."""
+        settings = {k: v for k, v in exported.items() if not is_state_dict(v)}
+        return {**weights_file(epoch, settings),
                 "train": {"model": stage.model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "guard": guard.state_dict(),
                           "ema": ema.state_dict() if ema else None, "epoch": epoch, "epochs": epochs,
@@ -249,10 +258,11 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
                 sched = refit_scheduler(opt, cfg, stage.steps_per_epoch, epochs, step)
                 bar.total = epochs
         epoch_began = now
-        ckpt = checkpoint(epoch, exported)
         flush = cfg.save_every <= 1 or epoch % cfg.save_every == 0 or epoch == epochs
         if improved:
-            pending_best = ckpt if flush else clone_tensors(ckpt)  # held until the next flush
+            pending_best = weights_file(epoch, exported)  # exported: copies already; held until the next flush
+        if flush or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0):
+            ckpt = training_file(epoch, exported)
         if flush:
             if pending_best is not None:
                 atomic_save(pending_best, out_dir / "best.pt")
@@ -273,6 +283,11 @@ def refit_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int, st
     for _ in range(min(steps_done, sched.total_steps)):
         sched.step()
     return sched
+
+
+def is_state_dict(value) -> bool:
+    """A module's weights: a non-empty dict of tensors."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def clone_tensors(obj):
