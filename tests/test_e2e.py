@@ -271,3 +271,29 @@ def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp
     mismatch = run(cli + ["--stage", "1", "--resume", str(other / "outputs/diffusion/last.pt")], root, env,
                    check=False)
     assert mismatch.returncode == 2 and "holds a diffusion checkpoint but --stage 1 is vae" in mismatch.stderr
+
+
+def test_a_fresh_clone_pulls_every_output_from_a_remote_and_has_nothing_to_reproduce(project, tmp_path):
+    """`dvc push` to a (local-folder) remote, `git clone`, `dvc pull`: the clone has the data and every
+    stage's output, and `dvc repro` there runs nothing. Cached checkpoints hold each set of weights once."""
+    from pokesprite.train.loop import is_state_dict
+
+    root, env, _ = project
+    for stage in ("vae", "diffusion", "finetune"):
+        best = torch.load(root / "outputs" / stage / "best.pt", weights_only=True)
+        last = torch.load(root / "outputs" / stage / "last.pt", weights_only=True)
+        assert "train" not in best and not any(is_state_dict(v) for v in last.values()), stage
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "trained, with a remote"], root, env)
+    pushed = run(["dvc", "push"], root, env)
+    assert "pushed" in pushed.stdout
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "outputs").exists()
+    run(["dvc", "pull"], clone, env)
+    for path in ("outputs/finetune/model/pipeline.pt", "outputs/vae/best.pt", "outputs/diffusion/last.pt",
+                 "data/pokemon.csv"):
+        assert (clone / path).read_bytes() == (root / path).read_bytes(), path
+    repro = run(["dvc", "repro"], clone, env)
+    assert "Running stage" not in repro.stdout and "up to date" in repro.stdout, repro.stdout
