@@ -174,6 +174,10 @@ def check_generate_args(args) -> str | None:
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"-o {out}: cannot write in {parent}"
+    try:  # access() says yes to root everywhere: making the folder is the real check
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"-o {out}: cannot make the folder ({e.strerror})"
     return None
 
 
@@ -193,8 +197,10 @@ def cmd_generate(args) -> int:
     try:
         model = mlflow.pyfunc.load_model(args.model)
     except Exception as e:  # MLflow raises several types for a missing model or alias
-        print(f"error: cannot load {args.model} from {mlflow.get_tracking_uri()}: {e}\n"
-              "Train and register a model first (make repro), or pass --model URI.", file=sys.stderr)
+        found = ": refused:" in str(e) or "not a readable checkpoint" in str(e)  # a file that is there
+        print(f"error: cannot load {args.model} from {mlflow.get_tracking_uri()}: {e}" + (
+              "" if found else "\nTrain and register a model first (make repro), or pass --model URI."),
+              file=sys.stderr)
         return 1
     if background is None:  # the colour the model was trained on, as logged (white for older versions)
         schema = model.metadata.get_params_schema()

@@ -114,7 +114,7 @@ class SpritePipeline:
         limit, first = self.text.max_tokens, {}
         for i, p in enumerate(prompts):
             first.setdefault(p, i)
-        counts = [len(ids) for ids in self.text.tokenizer(list(first))["input_ids"]]
+        counts = self.text.token_counts(list(first))
         return [f"prompt {i} is {n} tokens long; only its first {limit} are read (text.max_tokens), the rest "
                 "is ignored" for i, n in zip(first.values(), counts) if n > limit]
 

@@ -22,6 +22,7 @@ import mlflow
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.types import DataType
 
 import pokesprite
 from pokesprite.images import WHITE, key_background, parse_colour, png_base64
@@ -117,6 +118,37 @@ def _install_unknown_param_check() -> None:
     pyfunc_module._enforce_params_schema = enforce_known_params
 
 
+def _install_text_input_check() -> None:
+    """Refuse served prompts that are not text before MLflow turns them into text.
+
+    ``mlflow models serve`` parses a JSON ``inputs`` (or ``instances``) list against the model's
+    string input schema into a string array before the model sees it, so ``[1, 2.5, null]`` would
+    arrive as the prompts "1", "2.5" and "None". This wraps the server's parser (for a schema of one
+    string column only) to check the raw list with ``prompts_from_input`` first: HTTP 400 naming the
+    prompt. Idempotent.
+    """
+    try:
+        from mlflow.pyfunc import scoring_server
+    except ImportError:  # the serving extras are absent: nothing parses JSON in this process
+        return
+    parse = getattr(scoring_server, "infer_and_parse_data", None)
+    if parse is None or getattr(parse, "pokesprite_checks_text", False):
+        return
+
+    def parse_text_prompts(data, schema=None):
+        if schema is not None and schema.input_types() == [DataType.string] and isinstance(data, dict):
+            for key in ("inputs", "instances"):
+                if isinstance(data.get(key), list):
+                    try:
+                        prompts_from_input(data[key])
+                    except ValueError as e:
+                        raise MlflowException.invalid_parameter_value(str(e)) from None
+        return parse(data, schema)
+
+    parse_text_prompts.pokesprite_checks_text = True
+    scoring_server.infer_and_parse_data = parse_text_prompts
+
+
 class SpriteModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around ``SpritePipeline``: prompts in, sprites out.
 
@@ -137,6 +169,7 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
         from pokesprite.pipeline import SpritePipeline
 
         _install_unknown_param_check()
+        _install_text_input_check()
         device = (context.model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
 
@@ -163,6 +196,9 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
             log.warning("%s after %s s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)", e,
                         MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
             raise MlflowException(str(e)) from e
+        except Exception as e:  # ours to fix, not the caller's: HTTP 500 (MLflow would answer 400)
+            log.exception("drawing failed")
+            raise MlflowException(f"drawing failed: {type(e).__name__}: {e}") from e
         return encode_sprites(images, fmt=fmt, rgb=bool(params.get("rgb", False)), background=background)
 
 

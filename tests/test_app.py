@@ -239,6 +239,21 @@ def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipel
         assert "unknown request param(s) sed;" in body["message"]
         status, body = post(url, {"inputs": [PROMPT], "params": {"format": "gif"}})
         assert status == 400 and "unknown format 'gif'" in body["message"]
+        for bad in ([1, 2.5, None], [PROMPT, None]):  # before MLflow makes them "1", "2.5", "None"
+            status, body = post(url, {"inputs": bad})
+            assert status == 400 and "not text" in body["message"], body
+        status, body = post(url, {"instances": [PROMPT, 7]})
+        assert status == 400 and "prompt 1 is int 7, not text" in body["message"], body
+
+        # Concurrent requests (each in its own thread in the server) draw what each would alone.
+        from concurrent.futures import ThreadPoolExecutor
+
+        requests = [{"inputs": [f"{PROMPT} {i}" + " and more" * (i % 3 * 4)], "params": {"seed": i}} for i in range(10)]
+        alone = [post(url, r) for r in requests]
+        with ThreadPoolExecutor(10) as pool:
+            together = list(pool.map(lambda r: post(url, r), requests * 3))
+        assert all(status == 200 for status, _ in alone + together), [b for s, b in together if s != 200][:1]
+        assert [body for _, body in together] == [body for _, body in alone] * 3
 
         start = time.monotonic()  # 64 sprites x 1000 steps: minutes on the CPU
         req = urllib.request.Request(url, json.dumps({"inputs": [PROMPT] * 64, "params": {

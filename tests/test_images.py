@@ -147,7 +147,7 @@ def test_atomic_save_gives_normal_permissions_and_leaves_no_temporary_file(tmp_p
 @pytest.mark.parametrize("argv,words", [
     (["-n", "1000"], "-n 1000: draw 1..64 sprites"), (["-n", "0"], "-n must be at least 1"), (["--steps", "0"], "--steps 0: must be in 1..1000"),
     (["--guidance", "nan"], "--guidance nan: must be a finite number"), (["--sampler", "euler"], "choose one of ddpm, ddim"),
-    (["-o", "FILE"], "exists and is not a folder"),
+    (["-o", "FILE"], "exists and is not a folder"), (["-o", "/proc/pokesprite_out"], "-o /proc/pokesprite_out: cannot"),
 ])
 def test_generate_checks_its_request_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, words):
     """No model exists here: each mistake must be reported first, with exit code 2."""

@@ -30,3 +30,29 @@ def test_freeze_leaves_only_top_layers_and_projection_trainable():
     assert trainable == {"proj", "transformer.encoder.layer.4", "transformer.encoder.layer.5"}
     enc.freeze_transformer(0)
     assert {n for n, p in enc.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}
+
+
+def test_tokenizing_from_many_threads_gives_each_caller_its_own_settings():
+    """A served model tokenizes concurrent requests in threads: padded batches (the drawing) and
+    untruncated counts (the truncation note) must not get each other's settings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pokesprite.models.text import load_tokenizer
+    from transformers import BertConfig, BertModel
+
+    tokenizer = load_tokenizer("bundled")
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32, max_position_embeddings=32))
+    text = TextEncoder(bert, tokenizer, dim=8, max_tokens=16)
+    long = ["word " * (20 + i % 7) for i in range(32)]
+
+    def padded(_):
+        return tuple(text.tokenize(long)["input_ids"].shape)
+
+    def counts(_):
+        return tuple(text.token_counts(long))
+
+    with ThreadPoolExecutor(8) as pool:
+        shapes = list(pool.map(lambda i: padded(i) if i % 2 else counts(i), range(400)))
+    assert set(shapes[1::2]) == {(32, 16)}
+    assert set(shapes[0::2]) == {tuple(22 + i % 7 for i in range(32))}

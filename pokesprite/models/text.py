@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -113,6 +114,12 @@ def transformer_layers(transformer: nn.Module) -> nn.ModuleList:
                      f"{', '.join(_LAYER_PATHS)}); finetune.train_layers > 0 needs a BERT-family encoder")
 
 
+# A fast (Rust) tokenizer keeps its padding and truncation settings on the shared object and sets them
+# per call: two threads tokenizing at once with different settings (a served model's concurrent
+# requests) can get each other's, and batches of different lengths.
+TOKENIZER_LOCK = threading.Lock()
+
+
 class TextEncoder(nn.Module):
     """Captions -> (B, L, dim) token features and a (B, L) attention mask."""
 
@@ -139,9 +146,15 @@ class TextEncoder(nn.Module):
         return cls(transformer, load_tokenizer(name, config), dim=dim, max_tokens=max_tokens)
 
     def tokenize(self, captions: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        t = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_tokens,
-                           return_tensors="pt")
+        with TOKENIZER_LOCK:
+            t = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_tokens,
+                               return_tensors="pt")
         return {"input_ids": t["input_ids"].to(device), "attention_mask": t["attention_mask"].to(device)}
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """How many tokens each text has untruncated ([CLS] and [SEP] included)."""
+        with TOKENIZER_LOCK:
+            return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
 
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """The transformer's last hidden states, (B, L, hidden) - what stages 1-2 cache."""
