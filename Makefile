@@ -14,7 +14,7 @@ export POKESPRITE_DATA_SOURCE
 # DVC stage commands call `python`: make it the project's venv.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data repro test ui
+.PHONY: install data repro test ui mlflow-server
 
 install: $(VENV)/.installed
 
@@ -54,3 +54,13 @@ ui: install
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts & \
 	wait
+
+# A shared MLflow server for a team: runs and the model registry in PostgreSQL, artifacts stored and
+# served by the server (clients need no access to its disk). Point the stages at it with
+#   export MLFLOW_TRACKING_URI=http://<this host>:5000
+MLFLOW_DB        ?= postgresql://mlflow@127.0.0.1:5432/mlflow
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server-artifacts
+MLFLOW_HOST      ?= 127.0.0.1
+mlflow-server: install
+	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port 5000 --backend-store-uri "$(MLFLOW_DB)" \
+		--serve-artifacts --artifacts-destination "$(MLFLOW_ARTIFACTS)"

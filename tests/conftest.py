@@ -1,10 +1,15 @@
 """Shared fixtures: a 16-sprite slice of the real dataset and the tiny params profile."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +92,46 @@ def dvc_project(root: Path, raw_subset: Path, params_text: str) -> dict:
                 ["dvc", "add", "-q", "data"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         run(cmd, root, env)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with one database, ``mlflow``; yields its URI.
+
+    Uses Debian's ``postgresql`` package (apt-get install -y postgresql, as root). PostgreSQL will not
+    run as root: as root the cluster belongs to, and runs as, the package's ``postgres`` user."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
+    if initdb is None:
+        pytest.skip("needs PostgreSQL: apt-get install -y postgresql (as root)")
+    bindir = Path(os.path.realpath(initdb)).parent
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="pokesprite-pg-"))  # under /tmp: reachable by that user
+    if as_user:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    server = None
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        server = subprocess.Popen([*as_user, str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1",
+                                   "-p", str(port), "-k", str(folder)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                             capture_output=True).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
+            time.sleep(0.5)
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
+                       check=True, capture_output=True, timeout=60)
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)

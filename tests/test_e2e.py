@@ -13,13 +13,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS, dvc_project, run
+from conftest import ROOT, TESTS, dvc_project, free_port, postgres_database, run
 
 pytestmark = pytest.mark.slow
 STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
@@ -45,29 +46,22 @@ def project(raw_subset, tmp_path_factory):
         server.wait(timeout=30)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:
+def wait_for(url: str, server: subprocess.Popen, timeout: float = 180.0, log: Path | None = None) -> None:
     import time
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"prefect server exited with {server.returncode}")
+            raise AssertionError(f"{server.args[0]} server exited with {server.returncode}"
+                                 + (f":\n{log.read_text()[-3000:]}" if log else ""))
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(1)
-    raise AssertionError(f"prefect server did not answer {url} within {timeout:.0f} s")
+    raise AssertionError(f"{server.args[0]} server did not answer {url} within {timeout:.0f} s")
 
 
 def mlflow_client(root):
@@ -271,6 +265,44 @@ def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp
     mismatch = run(cli + ["--stage", "1", "--resume", str(other / "outputs/diffusion/last.pt")], root, env,
                    check=False)
     assert mismatch.returncode == 2 and "holds a diffusion checkpoint but --stage 1 is vae" in mismatch.stderr
+
+
+def test_a_shared_mlflow_server_on_postgresql_records_a_stage_and_serves_the_champion(project, tmp_path):
+    """`make mlflow-server`'s command against a real PostgreSQL, artifacts stored by the server: the
+    evaluate stage, run again by `dvc repro` with MLFLOW_TRACKING_URI at the server, records its run
+    there and registers the champion, which a new process loads by alias through the server."""
+    root, env, _ = project
+    artifacts = tmp_path / "server-artifacts"
+    with postgres_database() as database:
+        port = free_port()
+        server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", database, "--serve-artifacts",
+                                   "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=tmp_path, env=env,
+                                  stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            wait_for(f"http://127.0.0.1:{port}/health", server, log=tmp_path / "server.log")
+            served = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+            repro = run(["dvc", "repro", "--force", "--single-item", "evaluate"], root, served)
+            assert "Running stage 'evaluate'" in repro.stdout
+            script = textwrap.dedent("""
+                import json, mlflow
+                client = mlflow.MlflowClient()
+                (run,) = client.search_runs([client.get_experiment_by_name("pokesprite").experiment_id])
+                model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
+                images = model.predict(["a blue turtle"], params={"seed": 0, "num_steps": 2})
+                print(json.dumps({"stage": run.data.tags["stage"], "artifacts": run.info.artifact_uri,
+                                  "champion": client.get_model_version_by_alias("pokesprite", "champion").version,
+                                  "shape": list(images.shape)}))
+            """)
+            result = json.loads(run([sys.executable, "-c", script], tmp_path, served).stdout.splitlines()[-1])
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+    assert result == {"stage": "evaluate", "artifacts": result["artifacts"], "champion": "1", "shape": [1, 215, 215, 3]}
+    assert result["artifacts"].startswith("mlflow-artifacts:")  # stored by the server, not on this machine
+    assert list(artifacts.rglob("pipeline.pt")) and list(artifacts.rglob("sample_grid.png"))
 
 
 def test_a_fresh_clone_pulls_every_output_from_a_remote_and_has_nothing_to_reproduce(project, tmp_path):
