@@ -135,3 +135,20 @@ def postgres_database():
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for(url: str, server: subprocess.Popen, timeout: float = 180.0, log: Path | None = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"{server.args[0]} server exited with {server.returncode}"
+                                 + (f":\n{log.read_text()[-3000:]}" if log else ""))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{server.args[0]} server did not answer {url} within {timeout:.0f} s")

@@ -13,14 +13,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS, dvc_project, free_port, postgres_database, run
+from conftest import ROOT, TESTS, dvc_project, free_port, postgres_database, run, wait_for
 
 pytestmark = pytest.mark.slow
 STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
@@ -44,24 +43,6 @@ def project(raw_subset, tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def wait_for(url: str, server: subprocess.Popen, timeout: float = 180.0, log: Path | None = None) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"{server.args[0]} server exited with {server.returncode}"
-                                 + (f":\n{log.read_text()[-3000:]}" if log else ""))
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{server.args[0]} server did not answer {url} within {timeout:.0f} s")
 
 
 def mlflow_client(root):
