@@ -125,9 +125,8 @@ class SpritePipeline:
         """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
 
         ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``; the request is
-        checked first (``check_request``). At most
-        ``batch`` (default ``self.sample.batch``) sprites are drawn at a time; batch k of a larger request
-        is seeded with ``seed + k``. ``precision="bf16"`` runs the U-Net and the decoder under bf16
+        checked first (``check_request``). At most ``batch`` (default ``self.sample.batch``) sprites are
+        drawn at a time; batch k of a larger request is seeded with ``seed + k``. ``precision="bf16"`` runs the U-Net and the decoder under bf16
         autocast; the sampler's update stays fp32. ``deadline`` (a ``time.monotonic()`` value) stops the
         drawing with ``DrawingTimeout`` at the first step that starts after it.
         """
