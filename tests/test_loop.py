@@ -70,6 +70,23 @@ def test_onecycle_warms_up_for_ten_percent_then_anneals_to_zero():
     assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+@pytest.mark.parametrize("steps", [1, 2, 10, 20])
+def test_onecycle_works_for_any_number_of_steps(steps):
+    """10 steps at warmup_frac 0.1 (and 20 at 0.05) make OneCycleLR divide by zero unless guarded."""
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    c = cfg(epochs=1, lr=1e-3, warmup_frac=0.1 if steps != 20 else 0.05)
+    sched = make_scheduler(opt, c, steps_per_epoch=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert all(math.isfinite(lr) and 0 <= lr <= 1e-3 * (1 + 1e-9) for lr in lrs)
+    if steps >= 10:  # a one-step warm-up: lr/25 first, the peak right after, then down to ~0
+        assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[1] == max(lrs) > 0.95e-3
+        assert lrs[-1] < 1e-4 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
 def test_fit_learns_and_writes_best_last_and_periodic_checkpoints(tmp_path):
     tracker = Tracker()
     stage = toy_stage()

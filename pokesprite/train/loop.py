@@ -96,10 +96,14 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None):
-    """OneCycleLR: ``warmup_frac`` of the steps from lr/25 up to lr, then cosine down to ~0."""
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(1, (epochs or cfg.epochs) * steps_per_epoch),
-        pct_start=cfg.warmup_frac, anneal_strategy="cos", cycle_momentum=False)
+    """OneCycleLR: ``warmup_frac`` of the steps from lr/25 up to lr, then cosine down to ~0.
+
+    OneCycleLR divides by ``warmup_frac * total - 1``, so a warm-up of exactly one step (10 steps at
+    0.1) raises ZeroDivisionError; that warm-up is its first step at lr/25, which a hair more keeps."""
+    total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
+    pct = cfg.warmup_frac if float(cfg.warmup_frac * total) != 1.0 else (1 + 1e-3) / total
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct,
+                                               anneal_strategy="cos", cycle_momentum=False)
 
 
 def epochs_within_budget(cfg: TrainConfig, elapsed: float, epoch_seconds: float, done: int) -> int:
