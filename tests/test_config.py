@@ -123,3 +123,22 @@ def test_gpu_profile_is_valid_and_covers_the_seeds_schedule():
     assert min(p.vae.train.max_minutes, p.diffusion.train.max_minutes, p.finetune.train.max_minutes) > 0
     assert (p.vae.train.warmup_frac, p.diffusion.train.grad_clip, p.finetune.train.lr) == (0.1, 0.7, 5e-5)
     assert p.vae.loss.kl_weight == 0.1 and p.vae.loss.kl_anneal_epochs == 20 and p.vae.loss.free_bits == 0.5
+
+
+def test_params_yaml_states_every_key_the_code_reads():
+    """A default that lives only in pokesprite/config.py is invisible to `dvc params diff` and to a
+    reader of params.yaml: every field of every section must be written there, with its value."""
+    import typing
+
+    def unstated(cls, node, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not isinstance(node, dict) or f.name not in node:
+                yield prefix + f.name
+            elif dataclasses.is_dataclass(hints[f.name]):
+                yield from unstated(hints[f.name], node[f.name], f"{prefix}{f.name}.")
+
+    assert list(unstated(Params, yaml.safe_load((ROOT / "params.yaml").read_text()))) == []
+    trimmed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del trimmed["vae"]["train"]["max_minutes"]
+    assert list(unstated(Params, trimmed)) == ["vae.train.max_minutes"]  # the check finds one missing key
