@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     report = {**environment(repo, repo / "gpu" / "bundle"), "config": args.config,
               "fitted_budgets": read_json(args.work / "fitted_config.json"),
               "steps": steps_table(logs),
-              "stage_wall_seconds": {s: m.get("wall_seconds") for s, m in stage_metrics.items()},
+              "stage_wall_seconds": {p.stem: read_json(p).get("wall_seconds")
+                                     for p in sorted((run / "runs").glob("*.json"))},
               "metrics": stage_metrics, "throughput": read_json(logs / "throughput.json")}
     for name in IMAGES:
         found = [p for p in (run / "outputs/evaluate" / name, run / "plots" / name) if p.is_file()]

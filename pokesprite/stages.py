@@ -13,7 +13,9 @@ run, calls the stage's pure function and writes the stage's metrics (and per-epo
     outputs/evaluate/            the evaluation's sample grid and generated sprites
     tb/<stage>/<time>_<run>/     TensorBoard events of each run, kept across runs (`tensorboard --logdir tb`)
     outputs/evaluate/guidance_curve.csv  KID and R-precision per guidance scale (header only without scales)
-    metrics/<stage>.json         final metrics of each stage (`dvc metrics show`)
+    metrics/<stage>.json         final metrics of each stage (`dvc metrics show`): only what the inputs
+                                 determine, so two runs of one commit write the same file
+    runs/<stage>.json            facts of the last run, not tracked: wall time, host, registered version
     plots/<stage>.csv            per-epoch metrics of each training stage (`dvc plots show`)
 
 ``POKESPRITE_TRACKING=off`` (``pokesprite train --no-mlflow``) skips MLflow: metrics, plots and
@@ -31,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +65,7 @@ class Layout:
         self.evaluate_dir = outputs / "evaluate"
         self.metrics = self.out / "metrics"
         self.plots = self.out / "plots"
+        self.runs = self.out / "runs"
 
     @property
     def vae_checkpoint(self) -> Path:
@@ -170,16 +174,21 @@ def stage_run(stage: str, params: Params, layout: Layout, tags: dict | None):
             write_plot(layout.plots / f"{stage}.csv", tracker.history)
 
 
-def _finish(stage: str, metrics: dict, layout: Layout, started: float) -> dict:
-    metrics = {**metrics, "wall_seconds": round(time.perf_counter() - started, 1)}
+def _finish(stage: str, metrics: dict, layout: Layout, started: float, facts: dict | None = None) -> dict:
+    """Write the stage's metrics (what its inputs determine: metrics/<stage>.json, tracked by DVC and git)
+    and the run's facts (wall time, host, registry outcome: runs/<stage>.json, untracked), log both to
+    MLflow, and return both."""
+    facts = {**(facts or {}), "wall_seconds": round(time.perf_counter() - started, 1), "host": socket.gethostname()}
+    both = {**metrics, **facts}
     if tracking_enabled():
         import mlflow
 
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in both.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
     write_metrics(layout.metrics / f"{stage}.json", metrics)
-    log.info("%s done in %.0f s: %s", stage, metrics["wall_seconds"], metrics)
-    return metrics
+    write_metrics(layout.runs / f"{stage}.json", facts)
+    log.info("%s done in %.0f s: %s", stage, facts["wall_seconds"], metrics)
+    return both
 
 
 def run_preprocess(params: Params, *, root: str | Path = ".", out: str | Path | None = None,
@@ -392,7 +401,7 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
                           processed_dir=layout.processed, reference_dir=layout.reference_dir,
                           data_cfg=params.data, cfg=params.evaluate,
                           perceptual=PerceptualLoss(net="auto", size=params.evaluate.perceptual_size).to(dev))
-        metrics = result.metrics
+        metrics, facts = result.metrics, None
         layout.evaluate_dir.mkdir(parents=True, exist_ok=True)
         # sample_grid.png, memorisation.png and (with guidance_scales) guidance_curve.png, under the same
         # names in every run: compare runs side by side
@@ -416,6 +425,5 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
                                               alignment_tolerance=params.evaluate.alignment_tolerance)
             log.info("registered %s version %d as %s: %s", params.mlflow.registered_model, decision["version"],
                      decision["alias"], decision["reason"])
-            metrics = {**metrics, "registered_version": decision["version"],
-                       "promoted": int(decision["alias"] == "champion")}
-        return _finish("evaluate", metrics, layout, started)
+            facts = {"registered_version": decision["version"], "promoted": int(decision["alias"] == "champion")}
+        return _finish("evaluate", metrics, layout, started, facts)

@@ -59,7 +59,8 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in repro.stdout
         metrics = json.loads((root / "metrics" / f"{stage}.json").read_text())
-        assert metrics["wall_seconds"] > 0
+        facts = json.loads((root / "runs" / f"{stage}.json").read_text())  # untracked: times, host, registry
+        assert "wall_seconds" not in metrics and facts["wall_seconds"] > 0 and facts["host"]
     assert json.loads((root / "metrics/preprocess.json").read_text())["sprites"] == 16
     assert (root / "outputs/finetune/model/pipeline.pt").is_file()
     assert (root / "dvc.lock").is_file()
@@ -69,7 +70,8 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
         assert np.isfinite(evaluation[key]), key
     assert evaluation["generated_sprites"] == 3 and evaluation["real_sprites"] == 16  # val + test of 16
     assert 0 <= evaluation["recon_ssim"] <= 1 and evaluation["fid"] > 0
-    assert evaluation["registered_version"] == 1 and evaluation["promoted"] == 1
+    facts = json.loads((root / "runs/evaluate.json").read_text())
+    assert facts["registered_version"] == 1 and facts["promoted"] == 1 and "promoted" not in evaluation
     for stage in TRAINING:
         header = (root / "plots" / f"{stage}.csv").read_text().splitlines()[0].split(",")
         assert header[0] == "epoch" and "val_loss" in header, (stage, header)
