@@ -300,7 +300,10 @@ def dvc_yaml() -> str:
 # --- resuming an interrupted training stage ------------------------------------------------------
 
 def _hash_tree(h, path: Path) -> None:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    """Hash a file or a folder's files, leaving out Python's byte-code caches (they hold timestamps and
+    differ between machines; .dvcignore leaves them out of DVC's hashes for the same reason)."""
+    files = (sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+             if path.is_dir() else [path] if path.is_file() else [])
     for f in files:
         h.update(str(f.relative_to(path.parent)).encode())
         with f.open("rb") as fh:

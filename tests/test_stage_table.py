@@ -234,3 +234,29 @@ def test_stage_params_are_exactly_the_listed_keys():
     alignment = stage_params(params, STAGES["alignment"].params)
     assert alignment["finetune.alignment.image_size"] == params.finetune.alignment.image_size
     assert not any(k.startswith(("finetune.train", "vae.", "text.")) for k in alignment)
+
+
+def test_code_hashes_leave_out_byte_code_caches(tmp_path):
+    """Python writes __pycache__/*.pyc (with timestamps) beside the code a stage depends on: they must not
+    change the stage's fingerprint, in resume.json, nor DVC's hash (.dvcignore); a source edit must."""
+    import hashlib
+
+    from pokesprite.stage_table import _hash_tree
+
+    code = tmp_path / "flows"
+    code.mkdir()
+    (code / "run.py").write_text("print('a')\n")
+
+    def digest():
+        h = hashlib.sha256()
+        _hash_tree(h, code)
+        return h.hexdigest()
+
+    before = digest()
+    (code / "__pycache__").mkdir()
+    (code / "__pycache__" / "run.cpython-311.pyc").write_bytes(b"\x00stamp")
+    assert digest() == before
+    (code / "run.py").write_text("print('b')\n")
+    assert digest() != before
+    ignored = (ROOT / ".dvcignore").read_text().split()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored
