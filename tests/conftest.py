@@ -106,7 +106,8 @@ def postgres_database():
 
     Uses Debian's ``postgresql`` package (apt-get install -y postgresql, as root). PostgreSQL will not
     run as root: as root the cluster belongs to, and runs as, the package's ``postgres`` user."""
-    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))  # not on PATH there; the newest version
+    initdb = shutil.which("initdb") or (debian[-1] if debian else None)
     if initdb is None:
         pytest.skip("needs PostgreSQL: apt-get install -y postgresql (as root)")
     bindir = Path(os.path.realpath(initdb)).parent

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from PIL import Image
 from pokesprite.app import MAX_SPRITES, ServeError, check_request, load_studio
 from pokesprite.images import key_background
 from pokesprite.pipeline import MAX_PROMPT_CHARS, SpritePipeline
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "serve.png"  # rewritten when POKESPRITE_UPDATE_SCREENSHOT=1
@@ -86,12 +87,6 @@ def registry(pipeline_dir, tmp_path_factory):
         yield uri
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

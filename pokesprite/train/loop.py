@@ -265,14 +265,15 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         flush = cfg.save_every <= 1 or epoch % cfg.save_every == 0 or epoch == epochs
         if improved:
             pending_best = weights_file(epoch, exported)  # exported: copies already; held until the next flush
-        if flush or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0):
+        periodic = bool(cfg.checkpoint_every) and epoch % cfg.checkpoint_every == 0
+        if flush or periodic:
             ckpt = training_file(epoch, exported)
         if flush:
             if pending_best is not None:
                 atomic_save(pending_best, out_dir / "best.pt")
                 pending_best = None
             atomic_save(ckpt, out_dir / "last.pt")
-        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+        if periodic:
             atomic_save(ckpt, out_dir / f"epoch_{epoch:04d}.pt")
     bar.close()
 
