@@ -29,6 +29,7 @@ from pokesprite import stages
 from pokesprite.config import ConfigError, Params, load_params
 from pokesprite.data.raw import DatasetError
 from pokesprite.stage_table import STAGES, prepare_run
+from pokesprite.train import distributed
 from pokesprite.train.stability import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ def stage_task(name: str, params: Params, root: str = ".", params_file: str = "p
 def run_stage(name: str, params_file: str, root: str) -> dict:
     """The stage as a task with the retries of params.yaml, then a link to its MLflow run."""
     params = load_params(Path(root) / params_file)
-    retrying = stage_task.with_options(retries=params.prefect.retries,
+    # Under torchrun a retry of process 0 alone would wait for the others forever: torchrun restarts
+    # the whole group instead (--max-restarts).
+    retries = 0 if distributed.launched() else params.prefect.retries
+    retrying = stage_task.with_options(retries=retries,
                                        retry_delay_seconds=params.prefect.retry_delay_seconds)
     try:
         with tags(f"stage:{name}"):

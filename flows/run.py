@@ -1,4 +1,10 @@
-"""Entry point of the DVC stages: ``python -m flows.run STAGE`` (a stage of pokesprite.stage_table, or ``pipeline``)."""
+"""Entry point of the DVC stages: ``python -m flows.run STAGE`` (a stage of pokesprite.stage_table, or ``pipeline``).
+
+With ``POKESPRITE_NPROC=N`` (N > 1) a training stage (alignment, vae, diffusion, finetune) runs on N
+processes, one per GPU: this command starts ``torchrun --standalone --nproc_per_node=N`` on itself.
+Under torchrun, process 0 runs the stage as the Prefect flow (and logs to MLflow); the other
+processes run the same stage function beside it and write nothing (pokesprite.train.distributed).
+"""
 from __future__ import annotations
 
 import argparse
@@ -48,23 +54,67 @@ def stop_with(pid: int, poll_s: float = 1.0) -> threading.Thread:
     return thread
 
 
+def processes() -> int:
+    """$POKESPRITE_NPROC: how many processes a training stage runs on (default 1)."""
+    value = os.environ.get("POKESPRITE_NPROC", "1").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"POKESPRITE_NPROC must be a whole number >= 1 (processes, one per GPU), got {value!r}")
+    return int(value)
+
+
+def relaunch_under_torchrun(stage: str, params_file: str, n: int):
+    """Replace this process by ``torchrun`` running this same command on ``n`` processes."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", "flows.run", stage, "--params", params_file]
+    logging.getLogger(__name__).info("%s on %d processes: %s", stage, n, " ".join(argv[1:]))
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def follow(stage: str, params_file: str) -> int:
+    """A process other than 0 under torchrun: the stage's function beside process 0's flow run."""
+    from pokesprite import stages
+    from pokesprite.stage_table import prepare_run
+
+    params, spec = load_params(params_file), STAGES[stage]
+    kwargs = {"resume": prepare_run(stage, params, stages.Layout("."))} if spec.resumable else {}
+    spec.run(params, root=".", **kwargs)
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=(*STAGES, "pipeline"))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pokesprite.stages import is_main_process
+    from pokesprite.train import distributed
+
+    level = logging.INFO if is_main_process() else logging.WARNING  # one process speaks
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         load_params(args.params)  # fail on a bad params file before Prefect starts
-    except ConfigError as e:
+        n = processes()
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from flows.pipeline import is_permanent, run_flow
+    parallel = args.stage in STAGES and STAGES[args.stage].parallel
+    if distributed.launched() and not parallel:
+        print(f"error: {args.stage} runs in one process; run it without torchrun (and POKESPRITE_NPROC)",
+              file=sys.stderr)
+        return 2
+    if n > 1 and parallel and not distributed.launched():
+        relaunch_under_torchrun(args.stage, args.params, n)
 
     dvc = dvc_ancestor() if "DVC_STAGE" in os.environ or "DVC_ROOT" in os.environ else None
     if dvc is not None:
         stop_with(dvc)
+    if not is_main_process():
+        return follow(args.stage, args.params)
+
+    from flows.pipeline import is_permanent, run_flow
 
     try:
         run_flow(args.stage, params_file=args.params)

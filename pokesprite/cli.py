@@ -116,8 +116,20 @@ def cmd_train(args) -> int:
         if resume_kind not in resumable:
             kinds = ", ".join(resumable[:-1]) + " or " + resumable[-1]
             raise ValueError(f"{args.resume}: not a {kinds} checkpoint (kind {resume_kind!r})")
+    from pokesprite.train import distributed
+
     layout = stages.Layout(args.root, args.out)
     names = stages_to_run(args.stage, resume_kind, layout)
+    if distributed.launched():  # every process runs what process 0 found missing
+        stages.resolve_device(args.device)  # joins the process group
+        names = distributed.broadcast(names)
+        for name in names:  # before any long work
+            if STAGES[name].resumable:
+                distributed.check_batch(getattr(params, name).train.batch_size, f"{name}.train.batch_size")
+    single = [n for n in names if not STAGES[n].parallel]
+    if distributed.launched() and single:
+        raise ValueError(f"under torchrun only the training stages run (alignment, vae, diffusion, finetune); "
+                         f"run {', '.join(single)} first without torchrun: pokesprite train --stage {single[0]}")
     checkpoints = {"vae_checkpoint": args.vae_checkpoint, "diffusion_checkpoint": args.diffusion_checkpoint}
     results = {}
     for name in names:
@@ -129,17 +141,19 @@ def cmd_train(args) -> int:
         elif spec.resumable and not (args.vae_checkpoint or args.diffusion_checkpoint):
             # An interrupted run of this stage under the same params, inputs and code continues;
             # otherwise its folder is cleared for a fresh start (both said in the log).
-            kw["resume"] = prepare_run(name, params, layout)
+            kw["resume"] = prepare_run(name, params, layout, device=args.device)
         accepted = inspect.signature(spec.run).parameters
         kw.update({k: Path(v) for k, v in checkpoints.items() if v and k in accepted})
-        print(f"== {name} ==", flush=True)
+        if distributed.is_main():
+            print(f"== {name} ==", flush=True)
         try:
             results[name] = spec.run(params, **kw)
         except KeyboardInterrupt:
             if spec.resumable:
                 print(stages.resume_hint(name, spec.number, layout, params_file=args.config), file=sys.stderr)
             return 130
-    print(json.dumps(results, indent=2, default=str))
+    if distributed.is_main():
+        print(json.dumps(results, indent=2, default=str))
     return 0
 
 
@@ -361,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING  # torchrun: one speaks
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "n", 1) < 1:
         print("error: -n must be at least 1", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """Training losses: VGG perceptual distance, free-bits KL with its annealed weight, noise prediction."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +56,8 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
-def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The mean ``gaussian_kl`` of a (B, C, H, W) posterior, with a floor of ``free_bits`` nats per
     latent channel.
 
@@ -62,9 +65,14 @@ def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.
     ``free_bits`` before averaging over channels, so a channel carrying less information than the
     floor is not pushed further towards the prior (its gradient is zero) - this keeps channels from
     collapsing. With ``free_bits=0`` it is the plain mean KL per element.
+
+    ``reduce`` turns this batch's per-channel KL into the global batch's when the batch is split over
+    processes (``distributed.mean``): which channels sit at the floor is then decided as one process
+    with the whole batch would decide it.
     """
     per_channel = gaussian_kl(mean, logvar).transpose(0, 1).flatten(1).mean(dim=1)  # (C,)
-    return per_channel.clamp(min=free_bits).mean()
+    decide = reduce(per_channel.detach()) if reduce is not None else per_channel
+    return torch.where(decide >= free_bits, per_channel, torch.full_like(per_channel, free_bits)).mean()
 
 
 def kl_weight_at(epoch: int, final: float, anneal_epochs: int) -> float:

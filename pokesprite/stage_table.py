@@ -48,6 +48,7 @@ class StageSpec:
     loads: tuple[str, ...] = ()  # first-party files it loads by path rather than by import
     number: str | None = None  # its `pokesprite train --stage` number
     resumable: bool = False  # trains through pokesprite.train.loop.fit: writes last.pt, takes resume=
+    parallel: bool = False  # runs data-parallel under torchrun (pokesprite.train.distributed)
 
     @property
     def metrics(self) -> str:
@@ -77,16 +78,18 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("reference", stages.run_reference, params=("seed", "data", *(f"evaluate.{k}" for k in REFERENCE_KEYS)),
               deps=("outputs/preprocess",), outs=("outputs/reference",)),
     StageSpec("alignment", stages.run_alignment, params=("seed", "data", "finetune.alignment"),
-              deps=("outputs/preprocess",), outs=("outputs/alignment",), files=("plots/alignment.csv",)),
+              deps=("outputs/preprocess",), outs=("outputs/alignment",), files=("plots/alignment.csv",),
+              parallel=True),
     StageSpec("vae", stages.run_vae, params=("seed", "data", "text", "vae"),
               deps=("outputs/preprocess",), outs=("outputs/vae",), files=("plots/vae.csv",),
-              number="1", resumable=True),
+              number="1", resumable=True, parallel=True),
     StageSpec("diffusion", stages.run_diffusion, params=("seed", "data", "text", "diffusion"),
               deps=("outputs/preprocess", "outputs/vae/best.pt"), outs=("outputs/diffusion",),
-              files=("plots/diffusion.csv",), number="2", resumable=True),
+              files=("plots/diffusion.csv",), number="2", resumable=True, parallel=True),
     StageSpec("finetune", stages.run_finetune, params=("seed", "data", "finetune"),
               deps=("outputs/preprocess", "outputs/vae/best.pt", "outputs/diffusion/best.pt", "outputs/alignment"),
-              outs=("outputs/finetune",), files=("plots/finetune.csv",), number="3", resumable=True),
+              outs=("outputs/finetune",), files=("plots/finetune.csv",), number="3", resumable=True,
+              parallel=True),
     StageSpec("evaluate", stages.run_evaluate, params=("seed", "data", "finetune.alignment", "evaluate", "mlflow"),
               deps=("outputs/preprocess", "outputs/reference", "outputs/alignment", "outputs/diffusion/best.pt",
                     "outputs/finetune/model"),
@@ -322,10 +325,23 @@ def fingerprint(spec: StageSpec, params, layout: stages.Layout) -> str:
     return h.hexdigest()
 
 
-def prepare_run(name: str, params, layout: stages.Layout) -> Path | None:
+def prepare_run(name: str, params, layout: stages.Layout, device=None) -> Path | None:
     """Before a training stage runs: the ``last.pt`` to resume from, or None after clearing the stage's
     folder for a fresh start. It resumes when the folder's ``last.pt`` was trained under the same
-    params, inputs and code (the fingerprint in ``resume.json``), and logs which, and why."""
+    params, inputs and code (the fingerprint in ``resume.json``), and logs which, and why.
+
+    Under ``torchrun`` process 0 decides (and clears) and every process gets its answer; ``device``
+    (the stage's) decides the process group's backend."""
+    from pokesprite.train import distributed
+
+    if distributed.launched():
+        stages.resolve_device(device)  # joins the process group
+        return distributed.broadcast(decide_resume(name, params, layout) if distributed.is_main() else None)
+    return decide_resume(name, params, layout)
+
+
+def decide_resume(name: str, params, layout: stages.Layout) -> Path | None:
+    """``prepare_run`` in one process."""
     from pokesprite.checkpoints import read
 
     spec, folder = STAGES[name], layout.stage_dir(name)

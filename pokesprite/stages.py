@@ -100,14 +100,26 @@ def resolve_device(name: str | None = None) -> torch.device:
     ``cudnn.benchmark`` stays off: on an H200 it did not speed up the VAE step (277.8 against 277.7
     sprites/s, reports/gpu/throughput.json), while every new shape (a last short batch, the
     evaluation's batch sizes, one-sprite grids) pays for timing each convolution's algorithms again.
+
+    Under ``torchrun`` ``auto`` is this process's GPU (cuda:$LOCAL_RANK), and the process joins the
+    process group (``pokesprite.train.distributed``).
     """
     import torch  # here, not at the top: the CLI and the stage table import this module cheaply
 
+    from pokesprite.train import distributed
+
     name = name or os.environ.get("POKESPRITE_DEVICE", "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    auto = distributed.local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = auto if name == "auto" else torch.device(name)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+    distributed.setup(device)
     return device
+
+
+def is_main_process() -> bool:
+    """True outside ``torchrun`` and in its process 0 (the one that writes files and logs)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
@@ -157,6 +169,9 @@ def stage_run(stage: str, params: Params, layout: Layout, tags: dict | None):
     from pokesprite.stage_table import STAGES, upstream  # the table imports this module's functions
 
     keys = tuple(k for name in (*upstream(stage), stage) for k in STAGES[name].params)
+    if not is_main_process():  # under torchrun, process 0 alone logs and writes
+        yield Tracker(), None
+        return
     if not tracking_enabled():
         tracker = Tracker(tensorboard_dir=layout.tensorboard(stage))
         try:
@@ -178,6 +193,8 @@ def _finish(stage: str, metrics: dict, layout: Layout, started: float, facts: di
     """Write the stage's metrics (what its inputs determine: metrics/<stage>.json, tracked by DVC and git)
     and the run's facts (wall time, host, registry outcome: runs/<stage>.json, untracked), log both to
     MLflow, and return both."""
+    if not is_main_process():
+        return metrics
     facts = {**(facts or {}), "wall_seconds": round(time.perf_counter() - started, 1), "host": socket.gethostname()}
     both = {**metrics, **facts}
     if tracking_enabled():
@@ -221,16 +238,20 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
     layout, started = Layout(root, out), time.perf_counter()
     cfg = params.finetune.alignment
     with stage_run("alignment", params, layout, tags) as (tracker, _):
-        layout.alignment_dir.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            layout.alignment_dir.mkdir(parents=True, exist_ok=True)
         if cfg.clip_checkpoint:
             # Stage 3 scores with the user's open_clip model; nothing to train. The file says so.
-            (layout.alignment_dir / "USING_CLIP_CHECKPOINT").write_text(cfg.clip_checkpoint + "\n")
+            if is_main_process():
+                (layout.alignment_dir / "USING_CLIP_CHECKPOINT").write_text(cfg.clip_checkpoint + "\n")
             return _finish("alignment", {"trained": 0}, layout, started)
         train = SpriteDataset(layout.processed, "train", params.data)
         val = SpriteDataset(layout.processed, "val", params.data)
         images = lambda ds: torch.stack([ds[i][0] for i in range(len(ds))])  # noqa: E731
         model, history = train_alignment(cfg, images(train), train.captions, images(val), val.captions,
                                          seed=params.seed, device=resolve_device(device), tracker=tracker)
+        if not is_main_process():
+            return {}
         model.save(layout.alignment_model, cfg, history)
         tracker.log_artifact(layout.alignment_model, "checkpoint")
         tracker.log_image(similarity_image(model, images(val), val.captions), "val_similarity.png")

@@ -44,9 +44,12 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
+                    max_weight: float = 1e4, reduce=None) -> torch.Tensor:
     """Esser et al. (2021, eq. 7): ||grad rec|| / (||grad g|| + 1e-4) at the decoder's last layer, so the
-    adversarial term pulls on the decoder about as hard as the reconstruction term does. Detached."""
+    adversarial term pulls on the decoder about as hard as the reconstruction term does. Detached.
+    ``reduce`` averages the two gradients over the processes that share a batch (``distributed.mean``)."""
     rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        rec_grad, g_grad = reduce(rec_grad), reduce(g_grad)
     return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, max_weight).detach()

@@ -139,14 +139,18 @@ class VAE(nn.Module):
         return self.decoder(z, context, mask)[..., :s, :s]
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                context: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+                noise: torch.Tensor | None = None):
         mean, logvar = self.encode(x)
-        return self.decode(sample_posterior(mean, logvar, generator), context, mask), mean, logvar
+        return self.decode(sample_posterior(mean, logvar, generator, noise), context, mask), mean, logvar
 
 
-def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
     """z ~ N(mean, exp(logvar)) by reparameterisation (gradients flow to mean and logvar). The noise
-    comes from ``generator`` on its device, else from the default generator of mean's device."""
-    on = generator.device if generator is not None else mean.device
-    noise = torch.randn(mean.shape, generator=generator, device=on, dtype=mean.dtype).to(mean.device)
-    return mean + torch.exp(0.5 * logvar) * noise
+    is ``noise`` when given, else drawn from ``generator`` on its device, else from the default
+    generator of mean's device."""
+    if noise is None:
+        on = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=on, dtype=mean.dtype).to(mean.device)
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)

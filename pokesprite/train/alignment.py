@@ -22,6 +22,7 @@ from pokesprite.config import AlignmentConfig, TrainConfig
 from pokesprite.evaluation.retrieval import retrieval_metrics
 from pokesprite.models.alignment import AlignmentModel, batched_apply, one_thread
 from pokesprite.tracking import Tracker
+from pokesprite.train import distributed
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.train.loop import Stage, fit
 
@@ -76,6 +77,10 @@ def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Te
     ``val_top1``, ``val_r_precision``, ``val_matched_cosine``; on the training set when there is no
     validation set of 2 or more pairs), and the epoch with the lowest ``val_loss`` is restored at the
     end. Checkpoints go to ``out_dir`` (a temporary folder when None).
+
+    Under ``torchrun`` every process computes the whole batch (the heads are a few matrix products on
+    cached features: splitting them would cost more in communication than it saves), so dropout and
+    the contrastive loss are exactly one process's; DDP's average of equal gradients is that gradient.
     """
     from open_clip.loss import ClipLoss
 
@@ -107,7 +112,8 @@ def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Te
         folder = Path(out_dir) if out_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         with one_thread(tr_img.device):
             result = fit(stage, train_cfg, out_dir=folder, tracker=tracker)
-        model.load_trained_state(load_checkpoint(folder / "best.pt", HEADS_KIND)["heads"])
+        if distributed.is_main():  # under torchrun the others stop here (process 0 writes the scorer)
+            model.load_trained_state(load_checkpoint(folder / "best.pt", HEADS_KIND)["heads"])
     model.eval()
     return result.history
 

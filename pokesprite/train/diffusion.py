@@ -28,6 +28,7 @@ from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid
 from pokesprite.losses import noise_loss
+from pokesprite.train import distributed
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.train.common import seed_everything
@@ -74,17 +75,23 @@ class LatentCache:
 
 
 def denoise(unet, schedule: NoiseSchedule, z0, context, mask, *, generator=None, kind: str = "huber",
-            prediction: str = "eps", min_snr_gamma: float = 0.0, t_range: tuple[int, int] | None = None):
+            prediction: str = "eps", min_snr_gamma: float = 0.0, t_range: tuple[int, int] | None = None,
+            shard=None):
     """One denoising step of training: noise z0 at uniform timesteps (``NoiseSchedule.noised``; within
     ``t_range`` when given), run the U-Net, and score its ``prediction`` (eps, or v of Salimans & Ho
     2022) with Huber as the seed says, or MSE; each sample weighted by Min-SNR-gamma (Hang et al.
     2023) when ``min_snr_gamma`` > 0. Returns (loss, the U-Net's output, x_t, t).
+
+    With ``shard`` (``distributed.shard``), ``z0`` is the global batch: its timesteps and noise are
+    drawn for all of it, and the U-Net sees this process's rows (``context`` and ``mask`` are those rows).
     """
     t, noise, zt = schedule.noised(z0, generator, t_range)
+    target, weight = schedule.target(z0, noise, t, prediction), schedule.loss_weight(t, prediction, min_snr_gamma)
+    if shard is not None:
+        t, zt, target = shard(t), shard(zt), shard(target)
+        weight = shard(weight) if weight is not None else None
     out = unet(zt, t, context, mask)
-    loss = noise_loss(out, schedule.target(z0, noise, t, prediction), kind, schedule.loss_weight(t, prediction,
-                                                                                                  min_snr_gamma))
-    return loss, out, zt, t
+    return noise_loss(out, target, kind, weight), out, zt, t
 
 
 def denoising_loss(unet, schedule: NoiseSchedule, z0, context, mask, **kwargs) -> torch.Tensor:
@@ -177,14 +184,16 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
                  total_steps)
 
     def loss(idx, epoch):  # everything on the device, random numbers from its default generator
+        # drawn for the whole batch; this process's rows go through the U-Net (distributed.py)
         mean, logvar, hidden, mask = train_cache.take(idx)
         z0 = sample_latents(mean, logvar, latent_scale, None, cfg.latent_clamp)
         z0 = z0.contiguous(memory_format=memory_format)
         kept, _ = drop_captions({"hidden": hidden, "mask": mask}, {"hidden": empty_hidden, "mask": empty_mask},
                                 cfg.cond_drop_prob)
-        hidden, mask = kept["hidden"], kept["mask"]
+        hidden, mask = distributed.shard(kept["hidden"]), distributed.shard(kept["mask"])
         return denoising_loss(unet, schedule, z0, text.proj(hidden), mask, kind=cfg.loss,
-                              prediction=cfg.prediction, min_snr_gamma=cfg.min_snr_gamma), {}
+                              prediction=cfg.prediction, min_snr_gamma=cfg.min_snr_gamma,
+                              shard=distributed.shard), {}
 
     def validate(epoch):  # runs with the EMA weights
         text.eval()
@@ -210,6 +219,8 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
         on_epoch_end=on_epoch_end, config={**to_dict(cfg), "text": to_dict(text_cfg)},
         device=torch.device(device))
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
+    if not distributed.is_main():
+        return {}  # process 0 finishes the stage
 
     best_ckpt = load_checkpoint(out_dir / "best.pt", "diffusion")
     unet.load_state_dict(best_ckpt["unet"])

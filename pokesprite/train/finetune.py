@@ -27,6 +27,7 @@ from pokesprite.losses import masked_clip_loss
 from pokesprite.evaluation.retrieval import r_precision, retrieval_accuracy
 from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
 from pokesprite.tracking import Tracker
+from pokesprite.train import distributed
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.train.common import seed_everything
@@ -75,22 +76,33 @@ class OneStepObjective:
         """Returns (alignment loss, consistency loss, one-step image embeddings of every row, the rows
         whose caption was kept: a (N,) bool on the device). Shapes do not depend on which captions were
         dropped, and nothing is read on the host: a dropped row is drawn too (from the empty caption)
-        and left out of the alignment loss only."""
+        and left out of the alignment loss only.
+
+        In training under ``torchrun``, random numbers are drawn for the global batch, this process's
+        rows go through the encoder, U-Net, decoder and scorer, and the contrastive loss compares the
+        gathered embeddings of the whole batch (``distributed``)."""
         p, device = self.p, self.device
         mean, logvar, idx = batch
+        split = distributed.shard if train else None
+        rows = split or (lambda x: x)
         # Random numbers from ``generator`` (validation's fixed CPU generator), else from the device's own.
         idx_dev = idx.to(device)
         tok, drop = drop_captions({k: v[idx_dev] for k, v in self.tokens.items()}, self.empty,
                                   self.cond_drop_prob if train else 0.0, generator)
-        context = p.text(**tok)
+        tok = {k: rows(v) for k, v in tok.items()}
+        with distributed.private_rng(device):  # the encoder's dropout masks: this process's rows only
+            context = p.text(**tok)
         z0 = sample_latents(mean.to(device), logvar.to(device), p.latent_scale, generator, p.latent_clamp)
         consistency, out, zt, t = denoise(p.unet, p.schedule, z0, context, tok["attention_mask"],
                                           generator=generator, kind=self.loss_kind, prediction=p.prediction,
-                                          min_snr_gamma=self.min_snr_gamma, t_range=(self.cfg.t_min, self.cfg.t_max))
+                                          min_snr_gamma=self.min_snr_gamma, t_range=(self.cfg.t_min, self.cfg.t_max),
+                                          shard=split)
         _, x0 = p.schedule.eps_and_x0(out, zt, t, p.prediction)
         if p.latent_clamp > 0:
             x0 = x0.clamp(-p.latent_clamp, p.latent_clamp)
         image_emb = self.align.encode_image(p.decode(x0, tok))
+        if train:
+            image_emb = distributed.gather(image_emb)
         keep = ~drop
         alignment = masked_clip_loss(image_emb, self.caption_emb[idx_dev], self.align.logit_scale.exp().clamp(max=100),
                                      keep)
@@ -170,6 +182,8 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
                                                                              generator=g)),
         steps_per_epoch=steps_per_epoch(len(train_data), bs), config=to_dict(cfg), device=torch.device(device))
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
+    if not distributed.is_main():
+        return {}  # process 0 finishes the stage
 
     # The encoder before fine-tuning competes too: if no epoch beat it, it stays.
     if result.best < before["val_loss"]:

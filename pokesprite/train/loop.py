@@ -19,6 +19,11 @@ resume=path)`` continues exactly where one was written (on the CPU, 2 epochs str
 + 1 give identical weights). ``best.pt`` holds the stage's inference weights (``Stage.export``) with
 the configs and history, and no training state. Each file holds each set of weights once: the
 exported state dicts, which the training state can make again, stay out of the training checkpoints.
+
+Under ``torchrun`` (``pokesprite.train.distributed``) the step runs through DistributedDataParallel:
+each process computes its share of every global batch, gradients are averaged, the logged scalars
+are the global batch's, and process 0 alone writes checkpoints, logs and sample grids. Every process
+validates (the same weights give the same numbers) and so agrees on the best epoch.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from tqdm import tqdm
 from pokesprite.config import TrainConfig, to_dict
 from pokesprite.tracking import Tracker
 from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.train import distributed
 from pokesprite.train.common import autocast, make_optimizer, optimizer_step
 from pokesprite.train.ema import EMA
 from pokesprite.train.stability import StabilityGuard
@@ -48,8 +54,9 @@ log = logging.getLogger(__name__)
 
 
 def progress(iterable, **kwargs):
-    """tqdm that shows only on an interactive terminal and never in CI logs ($CI or a pipe)."""
-    disable = True if os.environ.get("CI") else None
+    """tqdm that shows only on an interactive terminal, never in CI logs ($CI or a pipe) and only in
+    process 0 of a distributed run."""
+    disable = True if os.environ.get("CI") or not distributed.is_main() else None
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
 
 
@@ -73,6 +80,19 @@ class Stage:
     # exact resume: saved in every checkpoint's training state and handed back on resume.
     extra_state: Callable[[], dict] | None = None
     load_extra_state: Callable[[dict], None] | None = None
+
+
+class StageStep(nn.Module):
+    """``Stage.loss`` as a module whose parameters are the stage's model, so that DistributedDataParallel
+    sees one forward per step (and the loss function keeps calling the model's own methods)."""
+
+    def __init__(self, stage: Stage):
+        super().__init__()
+        self.model = stage.model
+        self.loss = stage.loss
+
+    def forward(self, batch, epoch: int):
+        return self.loss(batch, epoch)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -154,9 +174,13 @@ class FitResult:
 def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | None = None,
         resume: Path | None = None) -> FitResult:
     """Train ``stage`` for ``cfg.epochs`` epochs (or the rest of them, from ``resume``)."""
-    tracker = tracker or Tracker()
+    main = distributed.is_main()
+    tracker = tracker if tracker is not None and main else Tracker()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.check_batch(cfg.batch_size, f"{stage.name}.train.batch_size")
+    step_fn = distributed.wrap(StageStep(stage))  # the stage's loss (through DDP under torchrun)
     params = [p for p in stage.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
     sched = make_scheduler(opt, cfg, stage.steps_per_epoch)
@@ -213,16 +237,16 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         for batch in progress(stage.batches(epoch), desc=f"epoch {epoch}", leave=False,
                               total=stage.steps_per_epoch):
             with autocast(stage.device, cfg.precision):
-                loss, extra = stage.loss(batch, epoch)
+                loss, extra = step_fn(batch, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norm, ok = guard.step(loss, params)
+            scalars = distributed.mean_scalars({"loss": loss.detach(), **extra})  # the global batch's
+            norm, ok = guard.step(scalars["loss"], params)
             optimizer_step(opt, ok)
             sched.step()
             if ema is not None:
                 ema.update(stage.model, ok)
             step += 1
-            scalars = {"loss": loss.detach(), **extra}
             sums.add(scalars, norm, ok)
             if step % cfg.log_every == 0:  # the only host reads inside the epoch
                 guard.check()
@@ -246,15 +270,19 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
             tracker.log_metrics(metrics, step=epoch)
             log.info("%s epoch %d/%d: %s", stage.name, epoch, epochs,
                      {k: round(v, 4) for k, v in metrics.items()})
-            if stage.on_epoch_end is not None:
+            if stage.on_epoch_end is not None and main:
                 stage.on_epoch_end(epoch, metrics)
-            exported = clone_tensors(stage.export())  # copies: the EMA context swaps weights back on exit
+            # copies: the EMA context swaps weights back on exit
+            exported = clone_tensors(stage.export()) if main else {}
         bar.update(1)
         now = time.perf_counter()
         # The time budget: the second epoch's time decides (the first one also pays for warm-up:
         # kernel selection, lazy initialisation, caches), unless the first alone used up the budget.
-        if cfg.max_minutes > 0 and (epoch == start + 1 or epoch == start and now - started >= cfg.max_minutes * 60):
-            fitting = epochs_within_budget(cfg, now - started, now - epoch_began, epoch)
+        # Process 0's clock decides for every process.
+        if cfg.max_minutes > 0 and epoch in (start, start + 1):
+            decides = epoch == start + 1 or now - started >= cfg.max_minutes * 60
+            fitting = epochs_within_budget(cfg, now - started, now - epoch_began, epoch) if decides else epochs
+            fitting = distributed.broadcast(fitting)
             if fitting < epochs:
                 log.warning("%s: %d epochs do not fit max_minutes=%g at %.2f s per epoch; training %d",
                             stage.name, epochs, cfg.max_minutes, now - epoch_began, fitting)
@@ -263,6 +291,8 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
                 bar.total = epochs
         epoch_began = now
         flush = cfg.save_every <= 1 or epoch % cfg.save_every == 0 or epoch == epochs
+        if not main:  # process 0 writes
+            continue
         if improved:
             pending_best = weights_file(epoch, exported)  # exported: copies already; held until the next flush
         periodic = bool(cfg.checkpoint_every) and epoch % cfg.checkpoint_every == 0

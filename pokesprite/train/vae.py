@@ -21,6 +21,7 @@ from pokesprite.models.discriminator import PatchDiscriminator, adaptive_weight,
 from pokesprite.evaluation.image_metrics import psnr
 from pokesprite.models.vae import VAE
 from pokesprite.tracking import Tracker
+from pokesprite.train import distributed
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import atomic_save, load_checkpoint
 from pokesprite.train.common import make_optimizer, optimizer_step, seed_everything
@@ -141,18 +142,22 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
         d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
-        optimizer_step(d_opt, torch.isfinite(d_loss))  # a non-finite batch leaves the discriminator as it was
+        distributed.average_gradients(disc.parameters())
+        # a non-finite batch (in any process) leaves the discriminator as it was
+        optimizer_step(d_opt, torch.isfinite(distributed.mean(d_loss)))
         g_loss = hinge_g_loss(disc(recon)).float()
-        weight = adaptive_weight(rec_loss, g_loss, vae.decoder.conv_out.weight)
+        weight = adaptive_weight(rec_loss, g_loss, vae.decoder.conv_out.weight, reduce=distributed.mean)
         return dcfg.weight * weight * g_loss, {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
                                                "adaptive_weight": weight}
 
     def loss(idx, epoch):
+        # Random numbers are drawn for the whole batch and each process keeps its rows (distributed.py).
         x = augment_batch(train_images[idx], data_cfg.augment, data_cfg.background)
-        x = x.contiguous(memory_format=memory_format)
-        recon, mean, logvar = vae(x, None, *train_ctx(idx))
+        x = distributed.shard(x).contiguous(memory_format=memory_format)
+        noise = torch.randn((len(idx), vae.cfg.latent_channels, vae.latent_size, vae.latent_size), device=x.device)
+        recon, mean, logvar = vae(x, None, *train_ctx(distributed.shard(idx)), noise=distributed.shard(noise))
         l1 = F.l1_loss(recon.float(), x)
-        kl = kl_free_bits(mean.float(), logvar.float(), w.free_bits)
+        kl = kl_free_bits(mean.float(), logvar.float(), w.free_bits, reduce=distributed.mean)
         kl_weight = kl_weight_at(epoch - 1, w.kl_weight, w.kl_anneal_epochs)
         rec = w.l1_weight * l1
         extra = {"l1": l1.detach(), "kl": kl.detach(), "kl_weight": kl_weight}
@@ -190,6 +195,8 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
         load_extra_state=(lambda st: (disc.load_state_dict(st["disc"]), d_opt.load_state_dict(st["d_opt"])))
         if disc else None)
     result = fit(stage, cfg.train, out_dir=out_dir, tracker=tracker, resume=resume)
+    if not distributed.is_main():
+        return {}  # process 0 finishes the stage
 
     # The best weights (by validation loss) become the stage's output, with the latent scale the
     # diffusion stage multiplies latents by so that they have roughly unit variance.
