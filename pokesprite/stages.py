@@ -102,7 +102,8 @@ def resolve_device(name: str | None = None) -> torch.device:
     evaluation's batch sizes, one-sprite grids) pays for timing each convolution's algorithms again.
 
     Under ``torchrun`` ``auto`` is this process's GPU (cuda:$LOCAL_RANK), and the process joins the
-    process group (``pokesprite.train.distributed``).
+    process group (``pokesprite.train.distributed``). ``POKESPRITE_DETERMINISTIC=1`` makes CUDA runs
+    repeat themselves bit for bit (deterministic kernels only, and cuBLAS's fixed workspace; slower).
     """
     import torch  # here, not at the top: the CLI and the stage table import this module cheaply
 
@@ -113,6 +114,9 @@ def resolve_device(name: str | None = None) -> torch.device:
     device = auto if name == "auto" else torch.device(name)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+    if os.environ.get("POKESPRITE_DETERMINISTIC") == "1":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True)
     distributed.setup(device)
     return device
 

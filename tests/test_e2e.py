@@ -312,3 +312,23 @@ def test_a_fresh_clone_pulls_every_output_from_a_remote_and_has_nothing_to_repro
         assert (clone / path).read_bytes() == (root / path).read_bytes(), path
     repro = run(["dvc", "repro"], clone, env)
     assert "Running stage" not in repro.stdout and "up to date" in repro.stdout, repro.stdout
+
+
+def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte(project, raw_subset, tmp_path):
+    """Two people who run `dvc repro` on the same commit agree on dvc.lock: a fresh clone with only the
+    data (imported, as `make data` does) trains every stage from scratch, on the CPU, and ends with the
+    committed dvc.lock, metrics and plots unchanged (`git status` clean)."""
+    root, env, _ = project
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "trained", "--allow-empty"], root, env)
+    clone = tmp_path / "fresh"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    run([sys.executable, "-m", "pokesprite.cli", "data", "import", str(raw_subset)], clone, env)
+    assert "Running stage" not in run(["dvc", "status", "data.dvc"], clone, env).stdout
+    repro = run(["dvc", "repro"], clone, env)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in repro.stdout, stage
+    status = run(["git", "status", "--porcelain"], clone, env).stdout
+    assert status == "", f"the clone's dvc repro changed tracked files:\n{status}\n" + \
+        run(["git", "diff", "--stat"], clone, env).stdout
+    assert (clone / "dvc.lock").read_bytes() == (root / "dvc.lock").read_bytes()

@@ -14,9 +14,9 @@ does the rest, identically for all three stages:
   at the next save, which keeps sub-second GPU epochs from waiting on the disk).
 
 ``last.pt`` and ``epoch_NNNN.pt`` are training checkpoints: the model, optimiser, LR-scheduler, EMA
-and guard state, the epoch, all RNG states, the stage's config and the history, so ``fit(...,
-resume=path)`` continues exactly where one was written (on the CPU, 2 epochs straight and 1 + resume
-+ 1 give identical weights). ``best.pt`` holds the stage's inference weights (``Stage.export``) with
+and guard state, the epoch, the RNG states training draws from, the stage's config and the history,
+so ``fit(..., resume=path)`` continues exactly where one was written (on the CPU, 2 epochs straight
+and 1 + resume + 1 give identical weights). ``best.pt`` holds the stage's inference weights (``Stage.export``) with
 the configs and history, and no training state. Each file holds each set of weights once: the
 exported state dicts, which the training state can make again, stay out of the training checkpoints.
 
@@ -96,10 +96,15 @@ class StageStep(nn.Module):
 
 
 def rng_state(generator: torch.Generator) -> dict:
+    """The random states training draws from: torch's (CPU and CUDA), numpy's and the stage's generator.
+
+    Python's ``random`` is left out: training draws nothing from it, while libraries beside it do, a
+    varying number of times (MLflow's random run names), so its state would only make the checkpoints
+    of two identical runs differ."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain data: checkpoints load weights_only
     state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                        gauss),
-             "python": random.getstate(), "generator": generator.get_state()}
+             "generator": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -109,7 +114,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    random.setstate(state["python"])
+    if "python" in state:  # written by earlier versions
+        random.setstate(state["python"])
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
