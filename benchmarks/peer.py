@@ -41,7 +41,9 @@ channels[0]-wide sinusoid. Remaining differences:
 * diffusers' attention q, k and v projections have no bias (ours have, as nn.MultiheadAttention);
 * diffusers' sinusoid puts cos first and its transformer GroupNorm uses eps 1e-6 (ours 1e-5): no
   effect on cost;
-* initialisation differs (ours zeroes the output conv and each attention block's proj_out).
+* initialisation differs (ours zeroes the output conv and each attention block's proj_out);
+* diffusers' ResNet blocks divide their output by ``output_scale_factor`` (1.0 here): one
+  elementwise pass more per block (in both models).
 
 VAE (``AutoencoderKL``): block_out_channels = vae.channels, layers_per_block = num_res_blocks,
 latent_channels, norm_num_groups = vae.groups, no mid-block attention (``mid_block_add_attention``
