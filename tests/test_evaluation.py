@@ -109,6 +109,38 @@ def test_inception_features_of_real_sprites(processed):
     assert frechet_distance(f, inception_features(model, noisy)) > 1.0
 
 
+def test_compiled_inception_gives_the_plain_networks_features(processed):
+    """On the CPU load_inception compiles the network (batch norms folded, oneDNN, channels-last):
+    the features of real sprites stay within FAST_TOLERANCE of the network as shipped."""
+    from pokesprite.config import DataConfig
+    from pokesprite.data.dataset import SpriteDataset
+    from pokesprite.evaluation.inception import (FAST_TOLERANCE, inception_features, load_inception,
+                                                 load_plain_inception)
+
+    sprites = SpriteDataset(processed, None, DataConfig()).images[:7]
+    plain = inception_features(load_plain_inception(), sprites, batch_size=4)
+    compiled_model = load_inception()
+    assert "mkldnn" in str(compiled_model.graph)  # the compiled one was kept
+    compiled = inception_features(compiled_model, sprites, batch_size=4)
+    assert (compiled - plain).abs().max() <= FAST_TOLERANCE
+    assert torch.equal(inception_features(load_inception(fast=False), sprites, batch_size=4), plain)
+
+
+def test_load_inception_keeps_the_plain_network_when_compiling_fails_or_differs(monkeypatch, caplog):
+    from pokesprite.evaluation import inception
+
+    def broken(model):
+        raise RuntimeError("unknown graph")
+
+    monkeypatch.setattr(inception, "optimize_for_cpu", broken)
+    assert "mkldnn" not in str(inception.load_inception().graph)
+    assert "failed (unknown graph)" in caplog.text
+    monkeypatch.setattr(inception, "optimize_for_cpu", lambda model: model)
+    monkeypatch.setattr(inception, "feature_difference", lambda a, b: 1.0)
+    inception.load_inception()
+    assert "differ by 1 (> 0.0001)" in caplog.text
+
+
 # ---------------------------------------------------------------- the independent scorer
 
 def test_bag_of_words_tfidf_known_values():
