@@ -153,6 +153,13 @@ def test_bag_of_words_tfidf_known_values():
     assert v[1].abs().sum() == 0  # no known word: the zero vector
 
 
+def test_bag_of_words_counts_repeated_and_unknown_words():
+    words = BagOfWords.fit(["red fire cat", "blue water cat", "red water", "fire"])
+    assert words.vocabulary == ["cat", "fire", "red", "water"]
+    counts = words.counts(["Red red CAT, red!", "", "blue dog"])
+    assert counts.tolist() == [[1.0, 0.0, 3.0, 0.0], [0.0] * 4, [0.0] * 4]
+
+
 def test_independent_scorer_learns_a_caption_image_link(tmp_path):
     from pokesprite.evaluation.retrieval import r_precision
 

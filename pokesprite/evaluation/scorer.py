@@ -39,21 +39,25 @@ class BagOfWords:
         vocabulary = sorted(w for w, n in counts.items() if n >= min_count)
         if not vocabulary:
             raise ValueError("no word occurs twice in the training captions: cannot build a vocabulary")
-        index = {w: i for i, w in enumerate(vocabulary)}
-        df = torch.zeros(len(vocabulary))
-        for c in captions:
-            for w in set(WORD.findall(c.lower())):
-                if w in index:
-                    df[index[w]] += 1
+        documents = Counter(w for c in captions for w in set(WORD.findall(c.lower())))
+        df = torch.tensor([float(documents[w]) for w in vocabulary])
         return cls(vocabulary, torch.log((1 + len(captions)) / (1 + df)) + 1)
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        out = torch.zeros(len(captions), len(self.vocabulary))
+    def counts(self, captions: list[str]) -> torch.Tensor:
+        """(N, vocabulary) how often each known word occurs in each caption."""
+        rows, columns, values = [], [], []
         for row, c in enumerate(captions):
-            for w in WORD.findall(c.lower()):
+            for w, n in Counter(WORD.findall(c.lower())).items():
                 if (i := self.index.get(w)) is not None:
-                    out[row, i] += 1
-        return F.normalize(out * self.idf, dim=1)
+                    rows.append(row)
+                    columns.append(i)
+                    values.append(float(n))
+        out = torch.zeros(len(captions), len(self.vocabulary))
+        out[rows, columns] = torch.tensor(values)
+        return out
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return F.normalize(self.counts(captions) * self.idf, dim=1)
 
 
 class IndependentScorer(nn.Module):
@@ -91,11 +95,12 @@ class IndependentScorer(nn.Module):
         model.image_mean.copy_(features.float().mean(0))
         model.image_std.copy_(features.float().std(0).clamp(min=1e-6))
         words = model.words(captions)
+        standardised = (features.float() - model.image_mean) / model.image_std  # once, not every epoch
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         target = torch.arange(len(captions))
         model.train()
         for _ in range(epochs):
-            img = F.normalize(model.image(model.dropout((features.float() - model.image_mean) / model.image_std)), dim=1)
+            img = F.normalize(model.image(model.dropout(standardised)), dim=1)
             txt = F.normalize(model.text(model.dropout(words)), dim=1)
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
