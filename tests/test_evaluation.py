@@ -211,6 +211,31 @@ def test_labelled_grid_size():
         labelled_grid(imgs, ["a"], [0, 1])
 
 
+def test_same_encoder_needs_equal_weights_and_tokens():
+    from pokesprite.evaluation.evaluate import same_encoder
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, max_tokens=4):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 2)
+            torch.nn.init.constant_(self.proj.weight, 0.5)
+            torch.nn.init.zeros_(self.proj.bias)
+            self.max_tokens = max_tokens
+
+        def tokenize(self, captions):
+            ids = torch.tensor([[len(w) for w in c.split()][:self.max_tokens] + [0] * (self.max_tokens - len(c.split()))
+                                for c in captions])
+            return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+    captions = ["a red cat", "a very long blue fish here", ""]
+    assert same_encoder(Encoder(), Encoder(), captions)
+    trained = Encoder()
+    with torch.no_grad():
+        trained.proj.bias[0] += 1e-6
+    assert not same_encoder(Encoder(), trained, captions)
+    assert not same_encoder(Encoder(), Encoder(max_tokens=5), captions)  # other tokens
+
+
 # ---------------------------------------------------------------- promotion
 
 def test_promotion_rule():

@@ -68,6 +68,16 @@ def reconstruct(pipeline, images: torch.Tensor, captions: list[str], batch_size:
     return torch.cat(out)
 
 
+def same_encoder(a, b, captions: list[str]) -> bool:
+    """Whether two text encoders are the same function of ``captions``: equal weights (transformer and
+    projection) and equal tokens."""
+    wa, wb = a.state_dict(), b.state_dict()
+    if wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k].to(wa[k].device)) for k in wa):
+        return False
+    ta, tb = a.tokenize(captions), b.tokenize(captions)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def _alignment(images: torch.Tensor, feats: torch.Tensor, captions: list[str], alignment, scorer,
                cfg: EvaluateConfig, suffix: str) -> dict:
     sim = similarity_matrix(alignment, to_unit_range(images).to(alignment.device), captions)
@@ -172,12 +182,18 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     real_held_feats = real_feats[[by_number[r["number"]] for r in held]]
     metrics.update(_alignment(real_held, real_held_feats, captions, alignment, scorer, cfg, "_real"))
     if before_text is not None:
-        after_text, pipeline.text = pipeline.text, before_text
-        try:
-            before = draw(pipeline, captions, cfg, "evaluate: drawing before stage 3")
-        finally:
-            pipeline.text = after_text
-        before_feats = inception_features(inception, before, device=device)
+        if same_encoder(before_text, pipeline.text, captions + [""]):
+            # Stage 3 kept the stage-2 encoder (no epoch beat it): the same weights, tokens and seeds
+            # draw the same sprites, so those drawn above are the ones before stage 3.
+            log.info("evaluate: stage 3 kept the stage-2 text encoder; its sprites are the ones before it")
+            before, before_feats = generated, gen_feats
+        else:
+            after_text, pipeline.text = pipeline.text, before_text
+            try:
+                before = draw(pipeline, captions, cfg, "evaluate: drawing before stage 3")
+            finally:
+                pipeline.text = after_text
+            before_feats = inception_features(inception, before, device=device)
         metrics.update(_alignment(before, before_feats, captions, alignment, scorer, cfg, "_before"))
 
     # Fixed prompts x fixed seeds: the grid and the text sensitivity.
