@@ -110,7 +110,7 @@ def test_inception_features_of_real_sprites(processed):
 
 
 def test_compiled_inception_gives_the_plain_networks_features(processed):
-    """On the CPU load_inception compiles the network (batch norms folded, oneDNN, channels-last):
+    """On the CPU load_inception compiles the network (frozen, batch norms folded, channels-last):
     the features of real sprites stay within FAST_TOLERANCE of the network as shipped."""
     from pokesprite.config import DataConfig
     from pokesprite.data.dataset import SpriteDataset
@@ -120,7 +120,8 @@ def test_compiled_inception_gives_the_plain_networks_features(processed):
     sprites = SpriteDataset(processed, None, DataConfig()).images[:7]
     plain = inception_features(load_plain_inception(), sprites, batch_size=4)
     compiled_model = load_inception()
-    assert "mkldnn" in str(compiled_model.graph)  # the compiled one was kept
+    assert "aten::conv2d" in str(compiled_model.graph)  # the compiled one (inlined) was kept
+    assert "aten::batch_norm" not in str(compiled_model.graph)
     compiled = inception_features(compiled_model, sprites, batch_size=4)
     assert (compiled - plain).abs().max() <= FAST_TOLERANCE
     assert torch.equal(inception_features(load_inception(fast=False), sprites, batch_size=4), plain)
@@ -133,7 +134,7 @@ def test_load_inception_keeps_the_plain_network_when_compiling_fails_or_differs(
         raise RuntimeError("unknown graph")
 
     monkeypatch.setattr(inception, "optimize_for_cpu", broken)
-    assert "mkldnn" not in str(inception.load_inception().graph)
+    assert "aten::conv2d" not in str(inception.load_inception().graph)  # the shipped one
     assert "failed (unknown graph)" in caplog.text
     monkeypatch.setattr(inception, "optimize_for_cpu", lambda model: model)
     monkeypatch.setattr(inception, "feature_difference", lambda a, b: 1.0)
