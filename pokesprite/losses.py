@@ -47,8 +47,12 @@ class PerceptualLoss(nn.Module):
     @torch.no_grad()
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-image distances (B,) between two batches in [-1, 1]: the loss above, as a metric."""
-        pairs = zip(self.features(a), self.features(b))
-        return torch.stack([(fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2)) for fa, fb in pairs]).mean(0)
+        return self.feature_distance(self.features(a), self.features(b))
+
+    @staticmethod
+    def feature_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        """``distance`` of two batches from their ``features`` (so that each image's are computed once)."""
+        return torch.stack([(fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2)) for fa, fb in zip(a, b)]).mean(0)
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

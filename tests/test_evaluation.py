@@ -204,6 +204,34 @@ def test_text_sensitivity_known_answers():
     assert text_sensitivity(ignores_text, l2)["text_sensitivity"] == 0.0
 
 
+def test_text_sensitivity_from_vgg_features_computed_once_per_tile():
+    from pokesprite.evaluation.evaluate import vgg_distances
+    from pokesprite.losses import PerceptualLoss
+
+    class TinyVGG(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 5, 3, stride=2)])
+            self.calls = 0
+
+        def forward(self, x, blocks):
+            self.calls += 1
+            out = []
+            for conv in self.convs[:blocks]:
+                x = conv(x).relu()
+                out.append(x)
+            return out
+
+    perceptual = PerceptualLoss(vgg=TinyVGG(), size=16, blocks=2)
+    tiles = torch.rand(3, 4, 3, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    pairwise = text_sensitivity(tiles, lambda a, b: perceptual.distance(a, b))
+    perceptual.vgg.calls = 0
+    once = text_sensitivity(*vgg_distances(perceptual, tiles, "cpu", batch_size=5))
+    assert perceptual.vgg.calls == 3  # 12 tiles in batches of 5, not once per pair
+    assert once == pytest.approx(pairwise, rel=1e-6)
+
+
 def test_labelled_grid_size():
     imgs = np.zeros((3, 2, 40, 40, 3), dtype=np.uint8)
     grid = labelled_grid(imgs, ["a", "b" * 500, "c"], [0, 1], cell=50)

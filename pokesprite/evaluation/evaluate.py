@@ -78,6 +78,21 @@ def same_encoder(a, b, captions: list[str]) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@torch.no_grad()
+def vgg_distances(perceptual, tiles: torch.Tensor, device, batch_size: int = 16):
+    """A (P, S) grid of tile indices and the VGG distance between the tiles of two index batches, for
+    ``text_sensitivity``: the VGG features of each of the P x S ``tiles`` (in [-1, 1]) are computed
+    once, not once for every pair the tile is in."""
+    flat = tiles.flatten(0, 1)
+    chunks = [perceptual.features(flat[i:i + batch_size].to(device)) for i in range(0, len(flat), batch_size)]
+    features = [torch.cat(block) for block in zip(*chunks)]
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return perceptual.feature_distance([f[a] for f in features], [f[b] for f in features]).cpu()
+
+    return torch.arange(len(flat)).view(tiles.shape[:2]), distance
+
+
 def _alignment(images: torch.Tensor, feats: torch.Tensor, captions: list[str], alignment, scorer,
                cfg: EvaluateConfig, suffix: str) -> dict:
     sim = similarity_matrix(alignment, to_unit_range(images).to(alignment.device), captions)
@@ -202,11 +217,7 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     # Each sprite is drawn alone, so that one seed gives every prompt the same noise.
     grid = np.stack([np.concatenate([sample(pipeline, [p], s, cfg) for s in seeds]) for p in prompts])  # (P, S, H, W, 3)
     tiles = to_unit_range(torch.from_numpy(grid).permute(0, 1, 4, 2, 3))
-
-    def vgg(a, b):
-        return perceptual.distance(a.to(device), b.to(device)).cpu()
-
-    metrics.update(text_sensitivity(tiles, vgg))
+    metrics.update(text_sensitivity(*vgg_distances(perceptual, tiles, device)))
     images = {"sample_grid.png": labelled_grid(grid, prompts, seeds)}
 
     # Many sprites (captions of every split cycled) against every real sprite; these, when drawn, are
