@@ -22,7 +22,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,14 @@ class Evaluation:
     metrics: dict[str, float]
     images: dict[str, Image.Image]  # file name -> picture: sample_grid.png, memorisation.png, guidance_curve.png
     guidance_curve: list[dict] = field(default_factory=list)  # one {scale, kid, kid_std, r_precision} per scale
+
+@contextlib.contextmanager
+def phase(what: str):
+    """Log how long a part of the evaluation took: ``evaluate: <what> in 12.3 s``."""
+    start = time.perf_counter()
+    yield
+    log.info("evaluate: %s in %.1f s", what, time.perf_counter() - start)
+
 
 @torch.no_grad()
 def reconstruct(pipeline, images: torch.Tensor, captions: list[str], batch_size: int) -> torch.Tensor:
@@ -130,6 +140,24 @@ def memorisation_report(gen_images: torch.Tensor, gen_feats: torch.Tensor, gen_n
     return metrics, pairs_grid(left, right, labels, ("generated", "nearest training sprite"))
 
 
+def before_stage3(pipeline, before_text, captions: list[str], generated: torch.Tensor, gen_feats: torch.Tensor,
+                  inception, cfg: EvaluateConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out set drawn with the stage-2 text encoder ``before_text``, and its Inception features.
+
+    When stage 3 kept the stage-2 encoder (no epoch beat it), the same weights, tokens and seeds draw
+    the same sprites: those drawn after stage 3 (``generated``, ``gen_feats``) are returned.
+    """
+    if same_encoder(before_text, pipeline.text, captions + [""]):
+        log.info("evaluate: stage 3 kept the stage-2 text encoder; its sprites are the ones before it")
+        return generated, gen_feats
+    after_text, pipeline.text = pipeline.text, before_text
+    try:
+        before = draw(pipeline, captions, cfg, "evaluate: drawing before stage 3")
+    finally:
+        pipeline.text = after_text
+    return before, inception_features(inception, before, device=pipeline.device)
+
+
 def guidance_curve_points(pipeline, captions: list[str], held_feats: torch.Tensor, inception,
                           real_feats: torch.Tensor, scorer, cfg: EvaluateConfig) -> list[dict]:
     """One {scale, kid, kid_std, r_precision} per ``cfg.guidance_scales``, in that order.
@@ -169,73 +197,72 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
 
     # Reconstruction of the test split.
     test = SpriteDataset(processed_dir, "test", data_cfg)
-    rec = reconstruct(pipeline, test.images, test.captions, cfg.batch_size)
-    dist = torch.cat([perceptual.distance(to_unit_range(rec[i:i + 16]).to(device),
-                                          to_unit_range(test.images[i:i + 16]).to(device)).cpu()
-                      for i in range(0, len(rec), 16)])
-    metrics.update({"recon_test_sprites": len(test), "recon_psnr": psnr(rec, test.images).mean().item(),
-                    "recon_ssim": ssim(rec, test.images).mean().item(), "recon_vgg_distance": dist.mean().item()})
+    with phase(f"reconstruction of {len(test)} test sprites"):
+        rec = reconstruct(pipeline, test.images, test.captions, cfg.batch_size)
+        dist = torch.cat([perceptual.distance(to_unit_range(rec[i:i + 16]).to(device),
+                                              to_unit_range(test.images[i:i + 16]).to(device)).cpu()
+                          for i in range(0, len(rec), 16)])
+        metrics.update({"recon_test_sprites": len(test), "recon_psnr": psnr(rec, test.images).mean().item(),
+                        "recon_ssim": ssim(rec, test.images).mean().item(), "recon_vgg_distance": dist.mean().item()})
 
     # One sprite per validation/test caption; FID/KID against all real sprites.
     held = [r for r in rows if r["split"] in EVAL_SPLITS]
     held = held[:cfg.max_captions] if cfg.max_captions else held
     captions = [r["caption"] for r in held]
     inception = load_inception(device)
-    generated = draw(pipeline, captions, cfg, "evaluate: drawing")
-    gen_feats = inception_features(inception, generated, device=device)
-    real_feats = ref["features"]
-    kid, kid_std = kernel_inception_distance(gen_feats, real_feats, subsets=cfg.kid_subsets,
-                                             subset_size=cfg.kid_subset_size, seed=cfg.seed)
-    metrics.update({"generated_sprites": len(generated), "real_sprites": len(real_feats),
-                    "fid": frechet_distance(gen_feats, real_feats), "kid": kid, "kid_std": kid_std})
+    with phase(f"drawing {len(captions)} sprites"):
+        generated = draw(pipeline, captions, cfg, "evaluate: drawing")
+    with phase(f"Inception features of {len(generated)} sprites, FID and KID"):
+        gen_feats = inception_features(inception, generated, device=device)
+        real_feats = ref["features"]
+        kid, kid_std = kernel_inception_distance(gen_feats, real_feats, subsets=cfg.kid_subsets,
+                                                 subset_size=cfg.kid_subset_size, seed=cfg.seed)
+        metrics.update({"generated_sprites": len(generated), "real_sprites": len(real_feats),
+                        "fid": frechet_distance(gen_feats, real_feats), "kid": kid, "kid_std": kid_std})
 
     # Text alignment: generated after and before stage 3, and the real sprites as the ceiling.
-    metrics.update(_alignment(generated, gen_feats, captions, alignment, scorer, cfg, ""))
-    real_images = SpriteDataset(processed_dir, None, data_cfg)
-    position = {r["number"]: i for i, r in enumerate(real_images.rows)}
-    real_held = torch.stack([real_images.images[position[r["number"]]] for r in held])
-    real_held_feats = real_feats[[by_number[r["number"]] for r in held]]
-    metrics.update(_alignment(real_held, real_held_feats, captions, alignment, scorer, cfg, "_real"))
+    with phase("text alignment of the generated and the real sprites"):
+        metrics.update(_alignment(generated, gen_feats, captions, alignment, scorer, cfg, ""))
+        real_images = SpriteDataset(processed_dir, None, data_cfg)
+        position = {r["number"]: i for i, r in enumerate(real_images.rows)}
+        real_held = torch.stack([real_images.images[position[r["number"]]] for r in held])
+        real_held_feats = real_feats[[by_number[r["number"]] for r in held]]
+        metrics.update(_alignment(real_held, real_held_feats, captions, alignment, scorer, cfg, "_real"))
     if before_text is not None:
-        if same_encoder(before_text, pipeline.text, captions + [""]):
-            # Stage 3 kept the stage-2 encoder (no epoch beat it): the same weights, tokens and seeds
-            # draw the same sprites, so those drawn above are the ones before stage 3.
-            log.info("evaluate: stage 3 kept the stage-2 text encoder; its sprites are the ones before it")
-            before, before_feats = generated, gen_feats
-        else:
-            after_text, pipeline.text = pipeline.text, before_text
-            try:
-                before = draw(pipeline, captions, cfg, "evaluate: drawing before stage 3")
-            finally:
-                pipeline.text = after_text
-            before_feats = inception_features(inception, before, device=device)
-        metrics.update(_alignment(before, before_feats, captions, alignment, scorer, cfg, "_before"))
+        with phase("text alignment before stage 3"):
+            metrics.update(_alignment(*before_stage3(pipeline, before_text, captions, generated, gen_feats,
+                                                     inception, cfg), captions, alignment, scorer, cfg, "_before"))
 
     # Fixed prompts x fixed seeds: the grid and the text sensitivity.
     prompts = list(cfg.grid_prompts) + test.captions[:cfg.grid_test_captions]
     seeds = [cfg.seed + k for k in range(cfg.grid_seeds)]
-    # Each sprite is drawn alone, so that one seed gives every prompt the same noise.
-    grid = np.stack([np.concatenate([sample(pipeline, [p], s, cfg) for s in seeds]) for p in prompts])  # (P, S, H, W, 3)
-    tiles = to_unit_range(torch.from_numpy(grid).permute(0, 1, 4, 2, 3))
-    metrics.update(text_sensitivity(*vgg_distances(perceptual, tiles, device)))
-    images = {"sample_grid.png": labelled_grid(grid, prompts, seeds)}
+    with phase(f"sample grid of {len(prompts)} prompts x {len(seeds)} seeds and text sensitivity"):
+        # Each sprite is drawn alone, so that one seed gives every prompt the same noise.
+        grid = np.stack([np.concatenate([sample(pipeline, [p], s, cfg) for s in seeds]) for p in prompts])  # (P, S, H, W, 3)
+        tiles = to_unit_range(torch.from_numpy(grid).permute(0, 1, 4, 2, 3))
+        metrics.update(text_sensitivity(*vgg_distances(perceptual, tiles, device)))
+        images = {"sample_grid.png": labelled_grid(grid, prompts, seeds)}
 
     # Many sprites (captions of every split cycled) against every real sprite; these, when drawn, are
     # also the set checked for memorisation (uint8 in memory: 139 kB a sprite, 0.7 GB for 5000).
     mem_images, mem_feats, mem_numbers = generated, gen_feats, [r["number"] for r in held]
     if cfg.fid_samples:
-        many = cycled_rows(rows, cfg.fid_samples)
-        mem_images = draw(pipeline, [r["caption"] for r in many], cfg, "evaluate: drawing for fid_all")
-        mem_feats = inception_features(inception, mem_images, device=device)
-        mem_numbers = [r["number"] for r in many]
-        metrics.update(fid_all(mem_feats, real_feats, subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size,
-                               seed=cfg.seed))
-    mem_metrics, images["memorisation.png"] = memorisation_report(mem_images, mem_feats, mem_numbers, ref,
-                                                                  real_images, cfg)
+        with phase(f"fid_all of {cfg.fid_samples} sprites"):
+            many = cycled_rows(rows, cfg.fid_samples)
+            mem_images = draw(pipeline, [r["caption"] for r in many], cfg, "evaluate: drawing for fid_all")
+            mem_feats = inception_features(inception, mem_images, device=device)
+            mem_numbers = [r["number"] for r in many]
+            metrics.update(fid_all(mem_feats, real_feats, subsets=cfg.kid_subsets,
+                                   subset_size=cfg.kid_subset_size, seed=cfg.seed))
+    with phase("memorisation"):
+        mem_metrics, images["memorisation.png"] = memorisation_report(mem_images, mem_feats, mem_numbers, ref,
+                                                                      real_images, cfg)
     metrics.update(mem_metrics)
 
-    points = guidance_curve_points(pipeline, captions, gen_feats, inception, real_feats, scorer, cfg)
-    if points:
-        metrics.update(curve.curve_metrics(points))
-        images[curve.IMAGE_FILE] = curve.curve_image(points)
+    points = []
+    if cfg.guidance_scales:
+        with phase(f"guidance curve at {len(cfg.guidance_scales)} scales"):
+            points = guidance_curve_points(pipeline, captions, gen_feats, inception, real_feats, scorer, cfg)
+            metrics.update(curve.curve_metrics(points))
+            images[curve.IMAGE_FILE] = curve.curve_image(points)
     return Evaluation(metrics, images, points)
