@@ -9,20 +9,23 @@
 
 The project copy holds a snapshot of pokesprite/ and flows/ (of the working tree, or of a git
 revision with --code; edits made while it runs do not leak in), the params file (with any --set
-applied) and data/ imported from the dataset folder. Each stage runs in its own process, as under `dvc repro`, with MLflow tracking off (POKESPRITE_TRACKING=off;
---tracking keeps it on, in the copy's own store) and without tqdm bars. A training stage starts from
-scratch: its outputs folder is emptied first.
+applied) and data/ imported from the dataset folder. Each stage runs in its own process, as under
+`dvc repro`, with MLflow tracking off (POKESPRITE_TRACKING=off; --tracking keeps it on, in the
+copy's own store) and without tqdm bars. A training stage starts from scratch: its outputs folder
+is emptied first.
 
 Phases are measured from the outside: the child process wraps the project's functions with timers
 (loading networks, reading sprites, Inception features, drawing sprites, training steps, validation,
 sample grids, checkpoints, ...), so the library code carries no timing code. A phase's seconds are
 its own, without the phases nested in it; "rest of the stage" is what no timer covered inside the
 stage function, "Prefect" (with --via-flows) the flow around it, and "process start and end" the
-interpreter and imports (of every module timed, so a little more than the stage itself imports). Drawing
-and Inception rows also count sprites, so their rate is shown.
+interpreter and imports (of every module timed, so a little more than the stage itself imports).
+Drawing and Inception rows also count sprites, so their rate is shown.
 
 Timings on a shared machine are noisy: the table records the 1-minute load average at the start and
-end of every stage. Prints a table per stage and a summary; --json writes everything as JSON.
+end of every stage, and each phase's CPU seconds (all threads of the stage's process), which other
+processes inflate much less than its wall seconds. Prints a table per stage and a summary; --json
+writes everything as JSON.
 """
 from __future__ import annotations
 
@@ -46,34 +49,42 @@ STAGE_ORDER = ("preprocess", "reference", "alignment", "vae", "diffusion", "fine
 
 # --- phase timers (in the child process) ----------------------------------------------------------
 
+def clocks() -> tuple[float, float]:
+    """(wall, CPU) seconds now; CPU time is this process's, all threads, which other processes on a
+    busy machine inflate far less than the wall time."""
+    return time.perf_counter(), time.process_time()
+
+
 class PhaseClock:
-    """Seconds, calls and items per phase label; a phase's time excludes the timed phases nested in it."""
+    """Wall and CPU seconds, calls and items per phase label; a phase's times exclude the timed phases
+    nested in it."""
 
     def __init__(self):
-        self.rows: dict[str, list] = {}  # label -> [seconds, calls, items]
-        self._nested: list[float] = []  # per open timed call: seconds spent in timed calls inside it
+        self.rows: dict[str, dict] = {}
+        self._nested: list[list[float]] = []  # per open timed call: (wall, CPU) spent in timed calls inside it
 
-    def add(self, label: str, seconds: float, items: int = 0) -> None:
-        row = self.rows.setdefault(label, [0.0, 0, 0])
-        row[0] += seconds
-        row[1] += 1
-        row[2] += items
+    def add(self, label: str, seconds: float, cpu: float, items: int = 0) -> None:
+        row = self.rows.setdefault(label, {"phase": label, "seconds": 0.0, "cpu": 0.0, "calls": 0, "items": 0})
+        row["seconds"] += seconds
+        row["cpu"] += cpu
+        row["calls"] += 1
+        row["items"] += items
 
     def wrap(self, fn, label):
         """``fn`` timed under ``label``: a string, or a function of fn's arguments giving (label, items)."""
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             name, items = label(*args, **kwargs) if callable(label) else (label, 0)
-            start = time.perf_counter()
-            self._nested.append(0.0)
+            start = clocks()
+            self._nested.append([0.0, 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
                 inner = self._nested.pop()
-                took = time.perf_counter() - start
+                took = [end - begin for end, begin in zip(clocks(), start)]
                 if self._nested:
-                    self._nested[-1] += took
-                self.add(name, took - inner, items)
+                    self._nested[-1] = [a + b for a, b in zip(self._nested[-1], took)]
+                self.add(name, took[0] - inner[0], took[1] - inner[1], items)
         return timed
 
 
@@ -128,6 +139,8 @@ HOOKS = (
     ("pokesprite.evaluation.grid:labelled_grid", "sample grids"),
     ("pokesprite.evaluation.guidance_curve:curve_image", "sample grids"),
 )
+IMPORTERS = ("pokesprite.evaluation.evaluate", "pokesprite.train.vae", "pokesprite.train.diffusion",
+             "pokesprite.train.finetune", "pokesprite.train.alignment", "pokesprite.stages")
 TRACKING_HOOKS = (("pokesprite.registry:register_evaluated", "MLflow: log and register the model"),)
 
 
@@ -192,25 +205,24 @@ def child(stage: str, project: Path, result: Path, via_flows: bool) -> int:
 
     clock = PhaseClock()
     hooks = HOOKS + (TRACKING_HOOKS if tracking_enabled() else ())
-    for target, *_ in hooks:  # import everything first, so rebinding reaches every importer
-        importlib.import_module(target.partition(":")[0])
-    import pokesprite.evaluation.evaluate  # noqa: F401
-    import pokesprite.train.finetune  # noqa: F401
+    # Import every module first, so that rebinding reaches every importer.
+    for module in {target.partition(":")[0] for target, *_ in hooks} | set(IMPORTERS):
+        importlib.import_module(module)
 
     install(clock, hooks)
     install_fit(clock)
     spec, inside = STAGES[stage], []
 
     def run(*args, **kwargs):  # the stage function, however it is called
-        began = time.perf_counter()
+        began = clocks()
         try:
             return spec.run(*args, **kwargs)
         finally:
-            inside.append(time.perf_counter() - began)
+            inside.append([end - begin for end, begin in zip(clocks(), began)])
 
     STAGES[stage] = dataclasses.replace(spec, run=run)
     load = os.getloadavg()[0]
-    start = time.perf_counter()
+    start = clocks()
     if via_flows:
         from flows.run import main
 
@@ -218,15 +230,17 @@ def child(stage: str, project: Path, result: Path, via_flows: bool) -> int:
     else:
         STAGES[stage].run(load_params(project / "params.yaml"), root=project)
         code = 0
-    seconds = time.perf_counter() - start
-    phases = [{"phase": k, "seconds": v[0], "calls": v[1], "items": v[2]} for k, v in clock.rows.items()]
-    phases.append({"phase": "rest of the stage", "seconds": sum(inside) - sum(p["seconds"] for p in phases),
-                   "calls": len(inside), "items": 0})
+    seconds, cpu = (end - begin for end, begin in zip(clocks(), start))
+    phases = list(clock.rows.values())
+    within = [sum(t[k] for t in inside) for k in (0, 1)]
+    phases.append({"phase": "rest of the stage", "seconds": within[0] - sum(p["seconds"] for p in phases),
+                   "cpu": within[1] - sum(p["cpu"] for p in phases), "calls": len(inside), "items": 0})
     if via_flows:
-        phases.append({"phase": "Prefect (server, flow and task runs)", "seconds": seconds - sum(inside),
-                       "calls": 1, "items": 0})
-    _write_json(result, {"stage": stage, "stage_seconds": seconds, "phases": phases, "load_start": load,
-                         "load_end": os.getloadavg()[0], "exit_code": code, "metrics": _metrics(stages, project, stage)})
+        phases.append({"phase": "Prefect (server, flow and task runs)", "seconds": seconds - within[0],
+                       "cpu": cpu - within[1], "calls": 1, "items": 0})
+    _write_json(result, {"stage": stage, "stage_seconds": seconds, "stage_cpu": cpu, "phases": phases,
+                         "load_start": load, "load_end": os.getloadavg()[0], "exit_code": code,
+                         "metrics": _metrics(stages, project, stage)})
     return code
 
 
@@ -313,36 +327,45 @@ def run_stage(stage: str, project: Path, *, via_flows: bool, tracking: bool) -> 
     result.unlink(missing_ok=True)
     command = [sys.executable, str(project / "benchmarks" / "stage_times.py"), "--child", stage,
                "--project", str(project), "--result", str(result)] + (["--via-flows"] if via_flows else [])
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), _children_cpu()
     with open(logs / f"{stage}.log", "w") as log:
         code = subprocess.call(command, cwd=project, env=child_env(project, tracking), stdout=log,
                                stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
     if code != 0 or not result.is_file():
         raise SystemExit(f"{stage} failed (exit {code}); its log: {logs / f'{stage}.log'}")
     timings = json.loads(result.read_text())
     timings["phases"].append({"phase": "process start and end (imports)", "seconds": wall - timings["stage_seconds"],
-                              "calls": 1, "items": 0})
-    timings["wall_seconds"] = wall
+                              "cpu": cpu - timings["stage_cpu"], "calls": 1, "items": 0})
+    timings["wall_seconds"], timings["cpu_seconds"] = wall, cpu
     return timings
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of the ended child processes."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def format_stage(t: dict) -> str:
-    lines = [f"{t['stage']}: {t['wall_seconds']:.1f} s (load {t['load_start']:.2f} -> {t['load_end']:.2f})",
-             f"  {'phase':<44}{'seconds':>9}{'share':>7}{'calls':>7}{'items':>7}{'items/s':>9}"]
+    lines = [f"{t['stage']}: {t['wall_seconds']:.1f} s, {t['cpu_seconds']:.1f} CPU s "
+             f"(load {t['load_start']:.2f} -> {t['load_end']:.2f})",
+             f"  {'phase':<44}{'seconds':>9}{'share':>7}{'CPU s':>8}{'calls':>7}{'items':>7}{'items/s':>9}"]
     for p in sorted(t["phases"], key=lambda p: -p["seconds"]):
         rate = f"{p['items'] / p['seconds']:.2f}" if p["items"] and p["seconds"] > 0 else ""
         lines.append(f"  {p['phase']:<44}{p['seconds']:>9.1f}{p['seconds'] / t['wall_seconds']:>7.0%}"
-                     f"{p['calls']:>7}{p['items'] or '':>7}{rate:>9}")
+                     f"{p['cpu']:>8.1f}{p['calls']:>7}{p['items'] or '':>7}{rate:>9}")
     return "\n".join(lines)
 
 
 def format_summary(timings: list[dict]) -> str:
-    total = sum(t["wall_seconds"] for t in timings)
-    lines = [f"{'stage':<12}{'seconds':>9}{'share':>7}  load start -> end", "-" * 44]
-    lines += [f"{t['stage']:<12}{t['wall_seconds']:>9.1f}{t['wall_seconds'] / total:>7.0%}  "
+    total, cpu = sum(t["wall_seconds"] for t in timings), sum(t["cpu_seconds"] for t in timings)
+    lines = [f"{'stage':<12}{'seconds':>9}{'share':>7}{'CPU s':>9}  load start -> end", "-" * 53]
+    lines += [f"{t['stage']:<12}{t['wall_seconds']:>9.1f}{t['wall_seconds'] / total:>7.0%}{t['cpu_seconds']:>9.1f}  "
               f"{t['load_start']:.2f} -> {t['load_end']:.2f}" for t in timings]
-    lines += ["-" * 44, f"{'total':<12}{total:>9.1f}  ({total / 60:.1f} min)"]
+    lines += ["-" * 53, f"{'total':<12}{total:>9.1f}{'':>7}{cpu:>9.1f}  ({total / 60:.1f} min)"]
     return "\n".join(lines)
 
 
@@ -358,8 +381,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the project copy to use and keep (its data/ and outputs are reused); default: a "
                          "temporary folder, removed at the end")
     ap.add_argument("--code", metavar="REV", help="time the code of this git revision (default: the working tree)")
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("POKESPRITE_DATA_SOURCE", REPO.parent / "shared" / "pokemon")),
-                    help="dataset folder imported into the copy's data/ (default: $POKESPRITE_DATA_SOURCE or ../shared/pokemon)")
+    ap.add_argument("--data", type=Path,
+                    default=Path(os.environ.get("POKESPRITE_DATA_SOURCE", REPO.parent / "shared" / "pokemon")),
+                    help="dataset folder imported into the copy's data/ (default: $POKESPRITE_DATA_SOURCE or "
+                         "../shared/pokemon)")
     ap.add_argument("--via-flows", action="store_true",
                     help="run each stage as its DVC command does (python -m flows.run STAGE: Prefect flow; "
                          "a fresh Prefect home in the copy)")
