@@ -104,7 +104,7 @@ def vgg_distances(perceptual, tiles: torch.Tensor, device, batch_size: int = 16)
 
 
 def _alignment(images: torch.Tensor, feats: torch.Tensor, captions: list[str], alignment, scorer,
-               cfg: EvaluateConfig, suffix: str) -> dict:
+               cfg: EvaluateConfig, suffix: str = "") -> dict:
     sim = similarity_matrix(alignment, to_unit_range(images).to(alignment.device), captions)
     return {f"stage3_scorer_r_precision{suffix}": r_precision_at(sim, cfg),
             f"independent_r_precision{suffix}": r_precision_at(scorer.similarity(feats, captions), cfg)}
@@ -222,7 +222,8 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
 
     # Text alignment: generated after and before stage 3, and the real sprites as the ceiling.
     with phase("text alignment of the generated and the real sprites"):
-        metrics.update(_alignment(generated, gen_feats, captions, alignment, scorer, cfg, ""))
+        generated_alignment = _alignment(generated, gen_feats, captions, alignment, scorer, cfg)
+        metrics.update(generated_alignment)
         real_images = SpriteDataset(processed_dir, None, data_cfg)
         position = {r["number"]: i for i, r in enumerate(real_images.rows)}
         real_held = torch.stack([real_images.images[position[r["number"]]] for r in held])
@@ -230,8 +231,11 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
         metrics.update(_alignment(real_held, real_held_feats, captions, alignment, scorer, cfg, "_real"))
     if before_text is not None:
         with phase("text alignment before stage 3"):
-            metrics.update(_alignment(*before_stage3(pipeline, before_text, captions, generated, gen_feats,
-                                                     inception, cfg), captions, alignment, scorer, cfg, "_before"))
+            before, before_feats = before_stage3(pipeline, before_text, captions, generated, gen_feats, inception, cfg)
+            # The same sprites as after stage 3 score the same.
+            before_alignment = generated_alignment if before is generated else \
+                _alignment(before, before_feats, captions, alignment, scorer, cfg)
+            metrics.update({f"{k}_before": v for k, v in before_alignment.items()})
 
     # Fixed prompts x fixed seeds: the grid and the text sensitivity.
     prompts = list(cfg.grid_prompts) + test.captions[:cfg.grid_test_captions]
