@@ -24,8 +24,9 @@ Drawing and Inception rows also count sprites, so their rate is shown.
 
 Timings on a shared machine are noisy: the table records the 1-minute load average at the start and
 end of every stage, and each phase's CPU seconds (all threads of the stage's process), which other
-processes inflate much less than its wall seconds. Prints a table per stage and a summary; --json
-writes everything as JSON.
+processes inflate much less than its wall seconds (with --threads 1, hardly at all: several threads
+spin while waiting for a thread that another process holds up). Prints a table per stage and a
+summary; --json writes everything as JSON.
 """
 from __future__ import annotations
 
@@ -303,12 +304,14 @@ def prepare_project(project: Path, params_file: Path, sets: list[str], data_sour
         import_dataset(data_source, project / "data")
 
 
-def child_env(project: Path, tracking: bool) -> dict:
+def child_env(project: Path, tracking: bool, threads: int | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(project), CI="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_HOME=str(project / ".prefect"))
     env.pop("DVC_STAGE", None)
     env.pop("DVC_ROOT", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)  # torch's intra-op threads
     if tracking:
         env.pop("POKESPRITE_TRACKING", None)
     else:
@@ -316,7 +319,7 @@ def child_env(project: Path, tracking: bool) -> dict:
     return env
 
 
-def run_stage(stage: str, project: Path, *, via_flows: bool, tracking: bool) -> dict:
+def run_stage(stage: str, project: Path, *, via_flows: bool, tracking: bool, threads: int | None = None) -> dict:
     """One stage in its own process; its phases, with 'process start' and 'rest of the stage' added."""
     training = stage in ("alignment", "vae", "diffusion", "finetune")
     if training:
@@ -329,7 +332,7 @@ def run_stage(stage: str, project: Path, *, via_flows: bool, tracking: bool) -> 
                "--project", str(project), "--result", str(result)] + (["--via-flows"] if via_flows else [])
     start, cpu_before = time.perf_counter(), _children_cpu()
     with open(logs / f"{stage}.log", "w") as log:
-        code = subprocess.call(command, cwd=project, env=child_env(project, tracking), stdout=log,
+        code = subprocess.call(command, cwd=project, env=child_env(project, tracking, threads), stdout=log,
                                stderr=subprocess.STDOUT)
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
     if code != 0 or not result.is_file():
@@ -389,6 +392,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run each stage as its DVC command does (python -m flows.run STAGE: Prefect flow; "
                          "a fresh Prefect home in the copy)")
     ap.add_argument("--tracking", action="store_true", help="keep MLflow tracking on (the copy's own store)")
+    ap.add_argument("--threads", type=int,
+                    help="torch's intra-op threads in the stages (OMP_NUM_THREADS); with 1, CPU seconds stay "
+                         "about the same however busy the machine is (no threads waiting for each other)")
     ap.add_argument("--json", type=Path, help="also write the timings here as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -411,7 +417,8 @@ def main(argv=None) -> int:
         prepare_project(project, args.params, args.sets, args.data, args.code)
         for stage in stages:
             print(f"[{time.strftime('%H:%M:%S')}] {stage} ... (log: {project / 'logs' / stage}.log)", flush=True)
-            timings.append(run_stage(stage, project, via_flows=args.via_flows, tracking=args.tracking))
+            timings.append(run_stage(stage, project, via_flows=args.via_flows, tracking=args.tracking,
+                                     threads=args.threads))
             print(format_stage(timings[-1]), flush=True)
     finally:
         if folder is None:
