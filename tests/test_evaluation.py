@@ -86,6 +86,19 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise():
     assert psnr(x, light).mean() > psnr(x, heavy).mean()
 
 
+def test_ssim_has_its_closed_form_on_flat_images_and_blurs_as_a_2d_gaussian_convolution():
+    # Two flat images a and b: no variance, no covariance, so SSIM = (2ab + c1) / (a^2 + b^2 + c1).
+    a, b, c1 = 100, 140, (0.01 * 255) ** 2
+    flat = lambda v: torch.full((1, 3, 20, 20), v, dtype=torch.uint8)  # noqa: E731
+    assert ssim(flat(a), flat(b)).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-12)
+    # The separable blur equals the 11x11 window's depthwise convolution.
+    from pokesprite.evaluation.image_metrics import _blur, _gaussian
+    x = images().double()
+    g = _gaussian()
+    window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+    assert torch.allclose(_blur(x), torch.nn.functional.conv2d(x, window, groups=3), atol=1e-9)
+
+
 def test_image_metrics_name_a_wrong_input():
     with pytest.raises(ValueError, match="uint8"):
         psnr(images().float(), images().float())
