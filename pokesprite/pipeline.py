@@ -219,7 +219,8 @@ class SpritePipeline:
         unet = UNet(from_dict(UNetConfig, ckpt["unet"]["config"], "unet"), context_dim=ckpt["text"]["dim"])
         unet.load_state_dict(ckpt["unet"]["state_dict"])
         schedule = NoiseSchedule(from_dict(ScheduleConfig, ckpt["schedule"], "schedule"))
-        for m in (vae, unet, text):
+        vae.for_inference(device)
+        for m in (unet, text):
             m.to(device).eval()
         return cls(vae, unet, text, schedule, latent_scale=ckpt["latent_scale"],
                    sample=from_dict(SampleConfig, ckpt["sample"], "sample"),

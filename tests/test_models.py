@@ -1,3 +1,4 @@
+import copy
 import io
 
 import pytest
@@ -21,6 +22,22 @@ def test_vae_shapes():
     assert vae.decode(mean).shape == (2, 3, 215, 215)
     recon, m, lv = vae(x)
     assert recon.shape == x.shape
+
+
+def test_vae_for_inference_computes_the_same_in_channels_last():
+    torch.manual_seed(0)
+    vae = VAE(TINY_VAE).eval()
+    x = torch.rand(2, 3, 215, 215) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        recon = vae.decode(mean)
+        fast = copy.deepcopy(vae).for_inference("cpu")
+        assert fast.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        mean2, logvar2 = fast.encode(x)
+        recon2 = fast.decode(mean2)
+    assert mean2.is_contiguous() and recon2.is_contiguous()  # plain layout for whatever comes next
+    assert torch.allclose(mean, mean2, atol=1e-5) and torch.allclose(logvar, logvar2, atol=1e-5)
+    assert torch.allclose(recon, recon2, atol=1e-4)
 
 
 def test_kl_closed_form():

@@ -101,14 +101,21 @@ class VAE(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "VAE":
         """The VAE of a finished VAE stage's checkpoint (best.pt), from the file alone: in eval mode on
-        ``device``, with the stage's ``latent_scale``."""
+        ``device``, with the stage's ``latent_scale``, weights channels-last (``for_inference``)."""
         ckpt = require_weights(load_checkpoint(path, "vae"), path, "state_dict")
         if "latent_scale" not in ckpt:
             raise ValueError(f"{path}: has no latent scale; use the best.pt that the finished VAE stage writes")
         vae = cls(from_dict(VAEConfig, ckpt["config"], "vae.model"), context_dim=ckpt.get("context_dim") or 0)
         vae.load_state_dict(ckpt["state_dict"])
         vae.latent_scale = float(ckpt["latent_scale"])
-        return vae.to(device).eval()
+        return vae.for_inference(device)
+
+    def for_inference(self, device="cpu") -> "VAE":
+        """This VAE in eval mode on ``device`` with channels-last weights: its convolutions then run
+        channels-last, which encodes and decodes about 1.5x faster on 2 CPU cores (oneDNN; measured in
+        the note of the change) also when gradients flow to the latents (stage 3). Training the VAE's
+        own weights gains nothing from it, so the VAE stage keeps ``vae.train.channels_last``."""
+        return self.to(device, memory_format=torch.channels_last).eval()
 
     def __init__(self, cfg: VAEConfig, context_dim: int = 0):
         super().__init__()
@@ -127,7 +134,7 @@ class VAE(nn.Module):
         pad = self.padded - x.shape[-1]
         x = F.pad(x, (0, pad, 0, pad), mode="replicate")
         mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
+        return mean.contiguous(), logvar.clamp(*LOGVAR_RANGE).contiguous()  # whatever layout the convs used
 
     def decode(self, z: torch.Tensor, context: torch.Tensor | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +143,7 @@ class VAE(nn.Module):
         context (B, L, context_dim) and mask (B, L, True = real token): only for a text-conditioned VAE.
         """
         s = self.cfg.image_size
-        return self.decoder(z, context, mask)[..., :s, :s]
+        return self.decoder(z, context, mask)[..., :s, :s].contiguous()
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 context: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
