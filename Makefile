@@ -37,8 +37,9 @@ data: install
 	fi
 	@$(BIN)/dvc status data.dvc
 
+# One Prefect server for the whole run (flows/server.py), not a temporary one per stage.
 repro: data
-	$(BIN)/dvc repro
+	$(BIN)/python -m flows.server -- $(BIN)/dvc repro
 
 test: install
 	$(BIN)/pytest

@@ -1,0 +1,100 @@
+"""Run a command with one Prefect server for all of it: ``python -m flows.server -- dvc repro``.
+
+Without ``PREFECT_API_URL`` every stage process starts and stops a temporary Prefect server of its
+own (about 8 s each on 2 CPU cores, seven times per ``dvc repro``). ``make repro`` runs ``dvc repro``
+under this command instead: one ``prefect server start`` (API and UI, no background services) on a
+free port of 127.0.0.1 for the whole run, so every stage reports to it, and its UI shows the flow
+runs live while they run. The flow runs are kept where the temporary servers keep them
+(``$PREFECT_HOME``, by default ``~/.prefect``), so ``make ui`` shows them afterwards either way.
+
+With ``PREFECT_API_URL`` already set (a team's server, or ``make ui``'s) the command runs unchanged.
+Exits with the command's exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once ``url`` answers 200; raise with the server's log if it exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with status {server.returncode}:\n"
+                               + log.read_text(errors="replace")[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the Prefect server did not answer {url} within {timeout:.0f} s "
+                       "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine):\n"
+                       + log.read_text(errors="replace")[-3000:])
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def run_with_server(command: list[str]) -> int:
+    if os.environ.get("PREFECT_API_URL"):
+        return subprocess.call(command)
+    prefect = Path(sys.executable).with_name("prefect")
+    port = free_port()
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+    with tempfile.TemporaryDirectory(prefix="pokesprite-prefect-") as tmp:
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as out:
+            server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                       "--no-services"], stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)  # Ctrl-C reaches the command, which ends first
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/api/health", server, log, timeout)
+            print(f"Prefect server for this run: http://127.0.0.1:{port} (flow runs live; stopped at the end)",
+                  flush=True)
+            child = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # the command got the Ctrl-C too: let it save its work and stop
+                return child.wait()
+        finally:
+            stop(server)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run, e.g. python -m flows.server -- dvc repro")
+    try:
+        return run_with_server(command)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
