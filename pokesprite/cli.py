@@ -38,7 +38,7 @@ def cmd_data_stats(args) -> int:
     records = scan(Path(args.data))
     captions = [clean_caption(r.caption) for r in records]
     splits = split_numbers([r.number for r in records], params.data.split, params.seed)
-    stats = dataset_stats(records, captions, splits, load_tokenizer(params.text.model))
+    stats = dataset_stats(records, captions, splits, load_tokenizer(params.text.model), params.text.model)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0

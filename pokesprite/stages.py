@@ -221,7 +221,7 @@ def run_preprocess(params: Params, *, root: str | Path = ".", out: str | Path | 
     layout, started = Layout(root, out), time.perf_counter()
     with stage_run("preprocess", params, layout, tags) as (tracker, _):
         stats = preprocess(params.data, raw_dir=layout.raw, out_dir=layout.processed, seed=params.seed,
-                           tokenizer=load_tokenizer(params.text.model))
+                           tokenizer=load_tokenizer(params.text.model), tokenizer_name=params.text.model)
         tracker.log_image(preview_grid(layout.processed), "sprites_train_val_test.png")
         tracker.log_artifact(layout.processed / "stats.json")
         metrics = {"sprites": stats["sprites"], **{f"{k}_size": v for k, v in stats["splits"].items()},

@@ -283,3 +283,20 @@ def test_imported_and_preprocessed_folders_get_the_users_permissions(raw_subset,
     for folder in (tmp_path / "data", tmp_path / "data/small_images", tmp_path / "out", tmp_path / "out/images"):
         assert folder.stat().st_mode & 0o777 == 0o755, folder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_the_preprocess_stage_names_its_tokenizer_as_configured_not_where_it_is_installed(
+        raw_subset, tiny_params, tmp_path, monkeypatch):
+    # stats.json is part of outputs/preprocess, whose hash every later stage's dvc.lock entry holds:
+    # the path of the venv's site-packages would make two clones disagree (issue: a fresh clone's
+    # make repro must leave git status clean).
+    import sys
+
+    from pokesprite.stages import run_preprocess
+
+    monkeypatch.setenv("POKESPRITE_TRACKING", "off")
+    shutil.copytree(raw_subset, tmp_path / "data")
+    run_preprocess(tiny_params, root=tmp_path)
+    text = (tmp_path / "outputs" / "preprocess" / "stats.json").read_text()
+    assert json.loads(text)["caption_tokens"]["tokenizer"] == tiny_params.text.model
+    assert sys.prefix not in text and str(tmp_path) not in text

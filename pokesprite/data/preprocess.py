@@ -90,7 +90,11 @@ def split_numbers(numbers: list[int], fractions: tuple[float, float, float], see
 
 
 def dataset_stats(records: list[RawRecord], captions: list[str], splits: dict[int, str],
-                  tokenizer=None) -> dict:
+                  tokenizer=None, tokenizer_name: str | None = None) -> dict:
+    """Counts, raw image sizes, caption lengths (characters, and tokens when a ``tokenizer`` is given)
+    and split sizes. ``tokenizer_name`` names the tokenizer in the stats (default: its
+    ``name_or_path``); the stages give ``text.model`` (e.g. ``bundled``), since a path to where the
+    package is installed would differ between two clones and change the output's hash."""
     sizes = Counter()
     for r in records:
         with Image.open(r.image_path) as im:
@@ -110,11 +114,13 @@ def dataset_stats(records: list[RawRecord], captions: list[str], splits: dict[in
     if tokenizer is not None:
         tokens = np.array([len(ids) for ids in tokenizer(captions)["input_ids"]])
         stats["caption_tokens"] = describe(tokens)
-        stats["caption_tokens"]["tokenizer"] = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        stats["caption_tokens"]["tokenizer"] = tokenizer_name or getattr(tokenizer, "name_or_path",
+                                                                         type(tokenizer).__name__)
     return stats
 
 
-def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, tokenizer=None) -> dict:
+def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, tokenizer=None,
+               tokenizer_name: str | None = None) -> dict:
     """Run the preprocess stage; returns the stats written to ``out_dir/stats.json``."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     records = scan(raw_dir)
@@ -137,7 +143,7 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
             w.writerow(["number", "name", "split", "caption"])
             for r, c in zip(records, captions):
                 w.writerow([r.number, r.name, splits[r.number], c])
-        stats = dataset_stats(records, captions, splits, tokenizer)
+        stats = dataset_stats(records, captions, splits, tokenizer, tokenizer_name)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
