@@ -29,22 +29,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Return once ``url`` answers 200; raise with the server's log if it exits or ``timeout`` passes."""
+def wait_until_up(url: str, server: subprocess.Popen, log: Path | None = None, timeout: float = 180.0) -> None:
+    """Return once ``url`` answers 200; raise, with the server's log if given, when the server exits or
+    ``timeout`` passes."""
+    name = Path(str(server.args[0])).name
+
+    def tail() -> str:
+        return ":\n" + log.read_text(errors="replace")[-3000:] if log else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with status {server.returncode}:\n"
-                               + log.read_text(errors="replace")[-3000:])
+            raise RuntimeError(f"the {name} server exited with status {server.returncode}{tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"the Prefect server did not answer {url} within {timeout:.0f} s "
-                       "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine):\n"
-                       + log.read_text(errors="replace")[-3000:])
+    hint = " (raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine)" if name == "prefect" else ""
+    raise RuntimeError(f"the {name} server did not answer {url} within {timeout:.0f} s{hint}{tail()}")
 
 
 def stop(server: subprocess.Popen) -> None:

@@ -5,7 +5,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.server import free_port
 from pokesprite.config import load_params
 from pokesprite.data import raw
 
@@ -94,12 +94,6 @@ def dvc_project(root: Path, raw_subset: Path, params_text: str) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def postgres_database():
     """A throwaway PostgreSQL cluster on 127.0.0.1 with one database, ``mlflow``; yields its URI.
@@ -136,20 +130,3 @@ def postgres_database():
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def wait_for(url: str, server: subprocess.Popen, timeout: float = 180.0, log: Path | None = None) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"{server.args[0]} server exited with {server.returncode}"
-                                 + (f":\n{log.read_text()[-3000:]}" if log else ""))
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{server.args[0]} server did not answer {url} within {timeout:.0f} s")

@@ -30,7 +30,7 @@ from pokesprite.app import MAX_SPRITES, ServeError, check_request, load_studio
 from pokesprite.images import key_background
 from pokesprite.pipeline import MAX_PROMPT_CHARS, SpritePipeline
 
-from conftest import free_port
+from flows.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "serve.png"  # rewritten when POKESPRITE_UPDATE_SCREENSHOT=1

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TESTS, free_port, run, wait_for
+from conftest import ROOT, TESTS, run
+from flows.server import free_port, wait_until_up
 
 
 def test_a_stage_deployment_runs_on_a_process_worker(raw_subset, tmp_path):
@@ -33,7 +34,7 @@ def test_a_stage_deployment_runs_on_a_process_worker(raw_subset, tmp_path):
 
     try:
         server = start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], "server.log")
-        wait_for(f"http://127.0.0.1:{port}/api/health", server, log=tmp_path / "server.log")
+        wait_until_up(f"http://127.0.0.1:{port}/api/health", server, log=tmp_path / "server.log")
         run(["prefect", "work-pool", "create", "pokesprite", "--type", "process"], project, env)
         deployed = run(["prefect", "--no-prompt", "deploy", "--all"], project, env)
         assert "pokesprite-stage/stage" in deployed.stdout and "pokesprite-pipeline/pipeline" in deployed.stdout

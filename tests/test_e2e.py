@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS, dvc_project, free_port, postgres_database, run, wait_for
+from conftest import ROOT, TESTS, dvc_project, postgres_database, run
+from flows.server import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
 STAGES = ("preprocess", "reference", "alignment", "vae", "diffusion", "finetune", "evaluate")
@@ -36,7 +37,7 @@ def project(raw_subset, tmp_path_factory):
     server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/health", server)
+        wait_until_up(f"http://127.0.0.1:{port}/api/health", server)
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         repro = run(["dvc", "repro"], root, env)
         yield root, env, repro
@@ -264,7 +265,7 @@ def test_a_shared_mlflow_server_on_postgresql_records_a_stage_and_serves_the_cha
                                   stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
         try:
-            wait_for(f"http://127.0.0.1:{port}/health", server, log=tmp_path / "server.log")
+            wait_until_up(f"http://127.0.0.1:{port}/health", server, log=tmp_path / "server.log")
             served = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
             repro = run(["dvc", "repro", "--force", "--single-item", "evaluate"], root, served)
             assert "Running stage 'evaluate'" in repro.stdout

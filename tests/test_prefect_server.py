@@ -3,10 +3,14 @@ command, which every stage reports to, stopped afterwards."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 from conftest import ROOT, run
+from flows.server import free_port, wait_until_up
 
 CHILD = """
 import os, sys, urllib.request
@@ -43,3 +47,12 @@ def test_a_configured_server_is_used_as_it_is(tmp_path):
 def test_no_command_is_an_error_that_shows_the_usage():
     proc = run([sys.executable, "-m", "flows.server"], ROOT, dict(os.environ), check=False)
     assert proc.returncode == 2 and "python -m flows.server -- dvc repro" in proc.stderr
+
+
+def test_a_server_that_exits_before_it_answers_is_an_error_with_its_log(tmp_path):
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-c", "import sys; print('no database here'); sys.exit(2)"],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with status 2.*no database here"):
+        wait_until_up(f"http://127.0.0.1:{free_port()}/api/health", server, log, timeout=60)
