@@ -1,7 +1,7 @@
 """Training-step time of pokesprite's U-Net and VAE against diffusers models of equal configuration.
 
     python benchmarks/peer.py [--params params.yaml] [--device cpu] [--threads N] [--warmup 2]
-        [--repeats 5] [--models unet vae vae-matched] [--diffusers-geglu] [--json PATH]
+        [--repeats 5] [--models unet vae vae-matched] [--diffusers-geglu] [--breakdown] [--json PATH]
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: diffusers). Every model is built from its
 configuration alone; nothing is downloaded.
@@ -25,6 +25,11 @@ parameters, GFLOPs of one forward + backward (convolutions, matrix products and 
 the ratio of the median CPU seconds of this process (on a shared machine it counts less of the time
 other processes take; with several threads it still counts threads spinning while one waits) and
 the ratio of each side's fastest step (the one least disturbed by other processes).
+
+``--breakdown`` then profiles a few more steps of each side (``torch.profiler``) and splits a step's
+wall time into convolutions (forward and backward), matrix products, the attention kernel and the
+rest (normalisations, activations, copies, the optimiser, Python): it shows how much of a step is
+the same kernels on both sides, and so how fast either could get without doing less work.
 
 How the diffusers models are configured, and what still differs:
 
@@ -223,6 +228,39 @@ def gflops(c: Contender) -> float:
     return counter.get_total_flops() / 1e9
 
 
+KERNELS = {"convolution": ("convolution",), "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+           "attention": ("scaled_dot_product",)}
+
+
+def kind_of(op_name: str) -> str:
+    for kind, keys in KERNELS.items():
+        if any(op_name == k if k.startswith("aten::") else k in op_name for k in keys):
+            return kind
+    return "other"
+
+
+def breakdown(step, device, steps: int = 3) -> dict:
+    """Seconds per step in each of KERNELS' kinds (the ops' own time) and in everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm
+    wall = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - wall) / steps
+    out = dict.fromkeys(KERNELS, 0.0)
+    for event in prof.key_averages():
+        kind = kind_of(event.key)
+        if kind != "other":
+            out[kind] += event.self_cpu_time_total / 1e6 / steps
+    out["other"] = wall - sum(out.values())
+    out["step"] = wall
+    return out
+
+
 def race(pair: tuple[Contender, Contender], train_cfg, device, warmup: int, repeats: int) -> dict:
     steps = [step_fn(c, train_cfg.lr, train_cfg.weight_decay) for c in pair]
     wall: list[list[float]] = [[], []]
@@ -255,6 +293,8 @@ def main() -> None:
                     help="which comparisons to run (default: all)")
     ap.add_argument("--diffusers-geglu", action="store_true",
                     help="keep diffusers' GEGLU feed-forward instead of the GELU one ours has")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile each side and split its step into convolutions, matmuls, attention, rest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args()
@@ -281,6 +321,9 @@ def main() -> None:
         results[name]["ratio"] = results[name]["diffusers_s"] / results[name]["ours_s"]
         results[name]["cpu_ratio"] = results[name]["diffusers_cpu_s"] / results[name]["ours_cpu_s"]
         results[name]["fastest_ratio"] = min(results[name]["diffusers_times"]) / min(results[name]["ours_times"])
+        if args.breakdown:
+            results[name]["breakdown"] = {side: breakdown(step_fn(c, train_cfg.lr, train_cfg.weight_decay), device)
+                                          for side, c in zip(("ours", "diffusers"), pair)}
     load_after = os.getloadavg()
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, device {device}, "
@@ -299,6 +342,16 @@ def main() -> None:
     print("ratio = diffusers time / our time (medians of wall-clock seconds); GFLOPs of one forward + backward;\n"
           "CPU-time ratio: the same of this process's CPU seconds; fastest ratio: of each side's fastest step\n"
           "(the two are less disturbed by other processes on a shared machine)")
+
+    if args.breakdown:
+        print("\nwhere a step goes (torch.profiler; seconds per step, the ops' own time; 'rest' is the step's wall\n"
+              "time less the three kernel kinds: norms, activations, copies, the optimiser, Python)")
+        kinds = [*KERNELS, "other"]
+        print(f"{'model':<11} {'side':<10} " + " ".join(f"{k if k != 'other' else 'rest':>12}" for k in kinds)
+              + f" {'step':>8}")
+        for name, r in results.items():
+            for side, b in r.get("breakdown", {}).items():
+                print(f"{name:<11} {side:<10} " + " ".join(f"{b[k]:>12.3f}" for k in kinds) + f" {b['step']:>8.3f}")
 
     if args.json:
         with open(args.json, "w") as f:
