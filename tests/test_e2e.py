@@ -333,3 +333,11 @@ def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte(project, raw_su
     assert status == "", f"the clone's dvc repro changed tracked files:\n{status}\n" + \
         run(["git", "diff", "--stat"], clone, env).stdout
     assert (clone / "dvc.lock").read_bytes() == (root / "dvc.lock").read_bytes()
+    # Both clones share one Python environment here; people's do not. So no output may name it (as
+    # stats.json once named the tokenizer by its install path), nor either project folder.
+    places = [p for p in (str(clone), str(root), sys.prefix) if len(p) > 8]
+    for path in (clone / "outputs").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for place in places:
+                assert place.encode() not in data, f"{path.relative_to(clone)} holds the path {place}"
