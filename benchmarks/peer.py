@@ -228,19 +228,22 @@ def gflops(c: Contender) -> float:
     return counter.get_total_flops() / 1e9
 
 
-KERNELS = {"convolution": ("convolution",), "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-           "attention": ("scaled_dot_product",)}
+KINDS = ("convolution", "matmul", "attention", "rest")
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def kind_of(op_name: str) -> str:
-    for kind, keys in KERNELS.items():
-        if any(op_name == k if k.startswith("aten::") else k in op_name for k in keys):
-            return kind
-    return "other"
+    """Which part of a step a profiled op belongs to (one of KINDS)."""
+    if "convolution" in op_name:  # forward, backward and their aten wrappers
+        return "convolution"
+    if "scaled_dot_product" in op_name:
+        return "attention"
+    return "matmul" if op_name in MATMULS else "rest"
 
 
-def breakdown(step, device, steps: int = 3) -> dict:
-    """Seconds per step in each of KERNELS' kinds (the ops' own time) and in everything else."""
+def breakdown(step, steps: int = 3) -> dict:
+    """Seconds per step of each of KINDS on the CPU: the ops' own time of the three kernel kinds, and
+    the rest of the (profiled) step's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     step()  # warm
@@ -248,15 +251,11 @@ def breakdown(step, device, steps: int = 3) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     wall = (time.perf_counter() - wall) / steps
-    out = dict.fromkeys(KERNELS, 0.0)
+    out = dict.fromkeys(KINDS, 0.0)
     for event in prof.key_averages():
-        kind = kind_of(event.key)
-        if kind != "other":
-            out[kind] += event.self_cpu_time_total / 1e6 / steps
-    out["other"] = wall - sum(out.values())
+        out[kind_of(event.key)] += event.self_cpu_time_total / 1e6 / steps
+    out["rest"] = wall - out["convolution"] - out["matmul"] - out["attention"]
     out["step"] = wall
     return out
 
@@ -294,7 +293,7 @@ def main() -> None:
     ap.add_argument("--diffusers-geglu", action="store_true",
                     help="keep diffusers' GEGLU feed-forward instead of the GELU one ours has")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also profile each side and split its step into convolutions, matmuls, attention, rest")
+                    help="also profile each side and split its step into convolutions, matmuls, attention, rest (CPU only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args()
@@ -303,6 +302,8 @@ def main() -> None:
     if p.vae.model.text_conditioning and any(m.startswith("vae") for m in args.models):
         ap.error("the VAE comparison needs vae.model.text_conditioning false (AutoencoderKL has no text)")
     device = torch.device(args.device)
+    if args.breakdown and device.type != "cpu":
+        ap.error("--breakdown splits CPU time; on a GPU, profile with benchmarks/gpu_throughput.py --profile-trace")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -322,7 +323,7 @@ def main() -> None:
         results[name]["cpu_ratio"] = results[name]["diffusers_cpu_s"] / results[name]["ours_cpu_s"]
         results[name]["fastest_ratio"] = min(results[name]["diffusers_times"]) / min(results[name]["ours_times"])
         if args.breakdown:
-            results[name]["breakdown"] = {side: breakdown(step_fn(c, train_cfg.lr, train_cfg.weight_decay), device)
+            results[name]["breakdown"] = {side: breakdown(step_fn(c, train_cfg.lr, train_cfg.weight_decay))
                                           for side, c in zip(("ours", "diffusers"), pair)}
     load_after = os.getloadavg()
 
@@ -346,12 +347,10 @@ def main() -> None:
     if args.breakdown:
         print("\nwhere a step goes (torch.profiler; seconds per step, the ops' own time; 'rest' is the step's wall\n"
               "time less the three kernel kinds: norms, activations, copies, the optimiser, Python)")
-        kinds = [*KERNELS, "other"]
-        print(f"{'model':<11} {'side':<10} " + " ".join(f"{k if k != 'other' else 'rest':>12}" for k in kinds)
-              + f" {'step':>8}")
+        print(f"{'model':<11} {'side':<10} " + " ".join(f"{k:>12}" for k in KINDS) + f" {'step':>8}")
         for name, r in results.items():
             for side, b in r.get("breakdown", {}).items():
-                print(f"{name:<11} {side:<10} " + " ".join(f"{b[k]:>12.3f}" for k in kinds) + f" {b['step']:>8.3f}")
+                print(f"{name:<11} {side:<10} " + " ".join(f"{b[k]:>12.3f}" for k in KINDS) + f" {b['step']:>8.3f}")
 
     if args.json:
         with open(args.json, "w") as f:

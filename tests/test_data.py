@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -290,8 +291,6 @@ def test_the_preprocess_stage_names_its_tokenizer_as_configured_not_where_it_is_
     # stats.json is part of outputs/preprocess, whose hash every later stage's dvc.lock entry holds:
     # the path of the venv's site-packages would make two clones disagree (issue: a fresh clone's
     # make repro must leave git status clean).
-    import sys
-
     from pokesprite.stages import run_preprocess
 
     monkeypatch.setenv("POKESPRITE_TRACKING", "off")
