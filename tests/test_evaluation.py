@@ -37,6 +37,21 @@ def test_fid_closed_forms_shift_and_scale():
     assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("n, m, d", [(40, 25, 64), (300, 200, 16)])  # fewer sets than dimensions, and more
+def test_fid_equals_the_matrix_square_root_formula(n, m, d):
+    """Against FID as the reference implementations compute it: covariances and scipy's sqrtm."""
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = 0.5 * torch.randn(m, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.3
+    ca, cb = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    root = linalg.sqrtm(ca @ cb).real
+    expected = float(((a.mean(0) - b.mean(0)) ** 2).sum()) + np.trace(ca) + np.trace(cb) - 2 * np.trace(root)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance(a.float(), b.float()) == pytest.approx(expected, rel=1e-4)
+
+
 def test_fid_and_kid_grow_with_noise():
     a, b = features(seed=0), features(seed=0)[torch.randperm(400)]  # b: the same distribution
     g = torch.Generator().manual_seed(2)

@@ -14,29 +14,23 @@ from __future__ import annotations
 import torch
 
 
-def _stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    f = f.double()
-    return f.mean(0), torch.cov(f.T)
-
-
-def _psd_sqrt(c: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(c)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """FID between feature sets ``a`` (N, D) and ``b`` (M, D).
 
-    Tr((C_a C_b)^(1/2)) is computed as Tr((S C_b S)^(1/2)) with S = C_a^(1/2), which has the same
-    eigenvalues and stays symmetric (no complex round-off from a general matrix square root).
+    With A and B the centred features, C_a = A^T A / (N - 1) and C_b = B^T B / (M - 1). The non-zero
+    eigenvalues of C_a C_b are the squared singular values of K = A B^T / sqrt((N - 1)(M - 1)), so
+    Tr((C_a C_b)^(1/2)) is the sum of K's singular values, and Tr(C_a) is ||A||^2 / (N - 1). That is
+    the same number without a D x D matrix (D = 2048) or its square root: an SVD of N x M, exact and
+    free of the round-off a matrix square root leaves, in a fraction of the time when N, M < D.
     """
     if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"FID needs two sets of >= 2 features of one width, got {tuple(a.shape)} and {tuple(b.shape)}")
-    mu_a, c_a = _stats(a)
-    mu_b, c_b = _stats(b)
-    s = _psd_sqrt(c_a)
-    tr_sqrt = torch.linalg.eigvalsh(s @ c_b @ s).clamp(min=0).sqrt().sum()
-    value = (mu_a - mu_b).square().sum() + torch.trace(c_a) + torch.trace(c_b) - 2 * tr_sqrt
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    a, b = a - mu_a, b - mu_b
+    n, m = len(a) - 1, len(b) - 1
+    tr_sqrt = torch.linalg.svdvals(a @ b.T).sum() / (n * m) ** 0.5
+    value = (mu_a - mu_b).square().sum() + a.square().sum() / n + b.square().sum() / m - 2 * tr_sqrt
     return float(value.clamp(min=0))
 
 
