@@ -249,8 +249,8 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
             if is_main_process():
                 (layout.alignment_dir / "USING_CLIP_CHECKPOINT").write_text(cfg.clip_checkpoint + "\n")
             return _finish("alignment", {"trained": 0}, layout, started)
-        train = SpriteDataset(layout.processed, "train", params.data)
-        val = SpriteDataset(layout.processed, "val", params.data)
+        train = SpriteDataset(layout.processed, "train")
+        val = SpriteDataset(layout.processed, "val")
         images = lambda ds: torch.stack([ds[i][0] for i in range(len(ds))])  # noqa: E731
         model, history = train_alignment(cfg, images(train), train.captions, images(val), val.captions,
                                          seed=params.seed, device=resolve_device(device), tracker=tracker)
@@ -369,7 +369,7 @@ def run_diffusion(params: Params, *, root: str | Path = ".", out: str | Path | N
     layout, started = Layout(root, out), time.perf_counter()
     with stage_run("diffusion", params, layout, tags) as (tracker, _):
         replay_history(tracker, resume)
-        metrics = train_diffusion(params.diffusion, params.data, params.text, data_dir=layout.processed,
+        metrics = train_diffusion(params.diffusion, params.text, data_dir=layout.processed,
                                   vae_checkpoint=Path(vae_checkpoint or layout.vae_checkpoint),
                                   out_dir=layout.diffusion_dir, seed=params.seed, device=resolve_device(device),
                                   tracker=tracker, resume=resume)
@@ -387,7 +387,7 @@ def run_finetune(params: Params, *, root: str | Path = ".", out: str | Path | No
     with stage_run("finetune", params, layout, tags) as (tracker, _):
         replay_history(tracker, resume)
         dev = resolve_device(device)
-        metrics = train_finetune(params.finetune, params.data, data_dir=layout.processed,
+        metrics = train_finetune(params.finetune, data_dir=layout.processed,
                                  vae_checkpoint=Path(vae_checkpoint or layout.vae_checkpoint),
                                  diffusion_checkpoint=Path(diffusion_checkpoint or layout.diffusion_checkpoint),
                                  alignment=load_stage_alignment(params, layout, dev),
@@ -403,7 +403,7 @@ def run_reference(params: Params, *, root: str | Path = ".", out: str | Path | N
 
     layout, started = Layout(root, out), time.perf_counter()
     with stage_run("reference", params, layout, tags):
-        metrics = build_reference(layout.processed, params.data, params.evaluate, out_dir=layout.reference_dir,
+        metrics = build_reference(layout.processed, params.evaluate, out_dir=layout.reference_dir,
                                   device=resolve_device(device))
         return _finish("reference", metrics, layout, started)
 
@@ -424,7 +424,7 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
         before_text = SpritePipeline.from_checkpoints(layout.vae_checkpoint, layout.diffusion_checkpoint, dev).text
         result = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
                           processed_dir=layout.processed, reference_dir=layout.reference_dir,
-                          data_cfg=params.data, cfg=params.evaluate,
+                          cfg=params.evaluate,
                           perceptual=PerceptualLoss(net="auto", size=params.evaluate.perceptual_size).to(dev))
         metrics, facts = result.metrics, None
         layout.evaluate_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pokesprite.config import AlignmentConfig, DataConfig
+from pokesprite.config import AlignmentConfig
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.evaluation.retrieval import mean_matched_cosine, r_precision, retrieval_accuracy
 from pokesprite.models.alignment import AlignmentModel, OpenClipAlignment, load_alignment, similarity_matrix
@@ -59,8 +59,8 @@ def test_r_precision_draws_31_random_distractors():
 @pytest.fixture(scope="module")
 def sprites(processed):
     """All 16 fixture sprites as one training set, their val split as the validation set."""
-    train = SpriteDataset(processed, None, DataConfig())
-    val = SpriteDataset(processed, "val", DataConfig())
+    train = SpriteDataset(processed, None)
+    val = SpriteDataset(processed, "val")
     to_unit = lambda ds: ds.images.float().div(127.5).sub(1)
     return to_unit(train), train.captions, to_unit(val), val.captions
 

@@ -251,17 +251,17 @@ def test_preprocess_resizes_odd_sizes(full_source, tiny_params, tmp_path):
     assert sum(stats["image_sizes"].values()) == 4 and len(stats["image_sizes"]) == 2
 
 
-def test_dataset_range_and_augmentation(processed, tiny_params):
-    plain = SpriteDataset(processed, "train", tiny_params.data)
+def test_dataset_range_splits_and_limit(processed):
+    plain = SpriteDataset(processed, "train")
     x, i = plain[0]
-    assert x.shape == (3, 215, 215) and x.dtype == torch.float32
+    assert x.shape == (3, 215, 215) and x.dtype == torch.float32 and i == 0
     assert x.min() >= -1 and x.max() <= 1 and x.max() == 1.0  # white background maps to 1
-    assert torch.equal(plain[0][0], plain[0][0])
-    aug = SpriteDataset(processed, "train", tiny_params.data, augment=True)
-    torch.manual_seed(0)
-    assert any(not torch.equal(aug[0][0], x) for _ in range(5))
-    val = SpriteDataset(processed, "val", tiny_params.data)
-    assert val.transform is None
+    assert torch.equal(to_uint8(x), plain.images[0])  # the stored uint8 sprite, exactly
+    val, everything = SpriteDataset(processed, "val"), SpriteDataset(processed, None)
+    assert len(plain) + len(val) < len(everything) == 16
+    assert not {r["number"] for r in plain.rows} & {r["number"] for r in val.rows}
+    assert [r["number"] for r in SpriteDataset(processed, "train", limit=3).rows] == \
+        [r["number"] for r in plain.rows[:3]]
 
 
 def test_unit_range_round_trip():

@@ -124,9 +124,8 @@ def test_image_metrics_name_a_wrong_input():
 def test_inception_features_of_real_sprites(processed):
     from pokesprite.data.dataset import SpriteDataset
     from pokesprite.evaluation.inception import FEATURES, inception_features, load_inception
-    from pokesprite.config import DataConfig
 
-    ds = SpriteDataset(processed, None, DataConfig())
+    ds = SpriteDataset(processed, None)
     model = load_inception()
     f = inception_features(model, ds.images[:6], batch_size=4)
     assert f.shape == (6, FEATURES) and f.dtype == torch.float64 and torch.isfinite(f).all()
@@ -140,12 +139,11 @@ def test_inception_features_of_real_sprites(processed):
 def test_compiled_inception_gives_the_plain_networks_features(processed):
     """On the CPU load_inception compiles the network (frozen, batch norms folded, channels-last):
     the features of real sprites stay within FAST_TOLERANCE of the network as shipped."""
-    from pokesprite.config import DataConfig
     from pokesprite.data.dataset import SpriteDataset
     from pokesprite.evaluation.inception import (FAST_TOLERANCE, inception_features, load_inception,
                                                  load_plain_inception)
 
-    sprites = SpriteDataset(processed, None, DataConfig()).images[:7]
+    sprites = SpriteDataset(processed, None).images[:7]
     plain = inception_features(load_plain_inception(), sprites, batch_size=4)
     compiled_model = load_inception()
     assert "aten::conv2d" in str(compiled_model.graph)  # the compiled one (inlined) was kept

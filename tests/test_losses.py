@@ -155,8 +155,10 @@ def test_vgg16_missing_is_a_clear_error(empty_hub):
 
 def test_vgg16_loads_torchvision_layout_from_cache(empty_hub):
     """A checkpoint keyed like torchvision's vgg16 (features.N.*) in the cache is used by "auto"."""
+    from torchvision.models import VGG16_Weights
     from torchvision.models.vgg import cfgs, make_layers
 
+    assert VGG16_Weights.IMAGENET1K_V1.url.endswith("/" + vgg.VGG16_FILE)  # the file torchvision would fetch
     torch.manual_seed(0)
     features = make_layers(cfgs["D"])
     state = {f"features.{k}": v for k, v in features.state_dict().items()}

@@ -37,7 +37,7 @@ def diffusion_run(processed, tiny_params, vae_run, tmp_path_factory):
     from pokesprite.tracking import Tracker
 
     tracker = Tracker()
-    metrics = train_diffusion(cfg, tiny_params.data, tiny_params.text, data_dir=processed,
+    metrics = train_diffusion(cfg, tiny_params.text, data_dir=processed,
                               vae_checkpoint=vae_run[0] / "best.pt", out_dir=out, seed=0, tracker=tracker)
     return out, metrics, tracker
 
@@ -74,7 +74,7 @@ def test_diffusion_trains_in_bf16_with_sparse_host_reads(processed, tiny_params,
     cfg = with_train(tiny_params.diffusion, epochs=30, max_train_items=4, batch_size=4, lr=6e-3, sample_every=0,
                      precision="bf16", log_every=7)
     tracker = Tracker()
-    train_diffusion(cfg, tiny_params.data, tiny_params.text, data_dir=processed,
+    train_diffusion(cfg, tiny_params.text, data_dir=processed,
                     vae_checkpoint=vae_run[0] / "best.pt", out_dir=tmp_path, seed=0, tracker=tracker)
     loss = [v for _, v in tracker.history["train_loss"]]
     assert np.mean(loss[-5:]) < 0.8 * np.mean(loss[:3]), loss
@@ -86,7 +86,7 @@ def alignment(processed, tiny_params):
     from pokesprite.data.dataset import SpriteDataset
     from pokesprite.train.alignment import train_alignment
 
-    sets = [SpriteDataset(processed, split, tiny_params.data) for split in ("train", "val")]
+    sets = [SpriteDataset(processed, split) for split in ("train", "val")]
     images = [torch.stack([ds[i][0] for i in range(len(ds))]) for ds in sets]
     model, _ = train_alignment(tiny_params.finetune.alignment, images[0], sets[0].captions, images[1],
                                sets[1].captions, seed=0)
@@ -97,7 +97,7 @@ def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, ti
                                                                    diffusion_run, alignment, tmp_path):
     cfg = with_train(tiny_params.finetune, epochs=2, max_train_items=8, lr=1e-3)
     tracker = Tracker()
-    metrics = train_finetune(cfg, tiny_params.data, data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt",
+    metrics = train_finetune(cfg, data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt",
                              diffusion_checkpoint=diffusion_run[0] / "best.pt", alignment=alignment,
                              out_dir=tmp_path, seed=0, tracker=tracker)
     assert metrics["val_loss_after"] <= metrics["val_loss_before"]
@@ -149,8 +149,8 @@ def test_diffusion_resume_equals_the_straight_run(processed, tiny_params, vae_ru
     """The same for stage 2, whose state also holds the EMA and the noise generator."""
     cfg = with_train(tiny_params.diffusion, epochs=2, max_train_items=8, sample_every=0, checkpoint_every=1)
     kw = dict(data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt")
-    train_diffusion(cfg, tiny_params.data, tiny_params.text, out_dir=tmp_path / "a", seed=0, **kw)
-    train_diffusion(cfg, tiny_params.data, tiny_params.text, out_dir=tmp_path / "b", seed=5,
+    train_diffusion(cfg, tiny_params.text, out_dir=tmp_path / "a", seed=0, **kw)
+    train_diffusion(cfg, tiny_params.text, out_dir=tmp_path / "b", seed=5,
                     resume=tmp_path / "a" / "epoch_0001.pt", **kw)
     a, b = (load_checkpoint(tmp_path / d / "last.pt", "diffusion") for d in "ab")
     assert a["history"] == b["history"]

@@ -8,9 +8,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
-
-from pokesprite.config import AugmentConfig, DataConfig
 
 
 def read_index(processed_dir: Path) -> list[dict]:
@@ -22,16 +19,6 @@ def read_index(processed_dir: Path) -> list[dict]:
     for r in rows:
         r["number"] = int(r["number"])
     return rows
-
-
-def augmentation(cfg: AugmentConfig, background: tuple[int, int, int]) -> v2.Transform:
-    """Train-only augmentation on uint8 (3, H, W) tensors; rotation fills with the background."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(cfg.hflip_prob),
-        v2.RandomRotation(cfg.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR,
-                          fill=list(background)),
-        v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation),
-    ])
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -50,8 +37,7 @@ class SpriteDataset(Dataset):
     All images of the split are held in memory as uint8 (898 sprites are ~125 MB).
     """
 
-    def __init__(self, processed_dir: Path, split: str | None, cfg: DataConfig, *, augment: bool = False,
-                 limit: int = 0):
+    def __init__(self, processed_dir: Path, split: str | None, *, limit: int = 0):
         self.rows = [r for r in read_index(processed_dir) if split is None or r["split"] == split]
         if limit:
             self.rows = self.rows[:limit]
@@ -62,16 +48,12 @@ class SpriteDataset(Dataset):
             with Image.open(Path(processed_dir) / "images" / f"{r['number']:03d}.png") as im:
                 images.append(np.asarray(im.convert("RGB")))
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
-        self.transform = augmentation(cfg.augment, cfg.background) if augment else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        img = self.images[i]
-        if self.transform is not None:
-            img = self.transform(img)
-        return to_unit_range(img), i
+        return to_unit_range(self.images[i]), i
 
     @property
     def captions(self) -> list[str]:

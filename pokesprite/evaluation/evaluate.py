@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pokesprite.config import DataConfig, EvaluateConfig
+from pokesprite.config import EvaluateConfig
 from pokesprite.data.dataset import SpriteDataset, read_index, to_uint8, to_unit_range
 from pokesprite.evaluation import guidance_curve as curve
 from pokesprite.evaluation.drawing import draw, sample
@@ -181,7 +181,7 @@ def guidance_curve_points(pipeline, captions: list[str], held_feats: torch.Tenso
 
 
 def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference_dir: Path,
-             data_cfg: DataConfig, cfg: EvaluateConfig, perceptual) -> Evaluation:
+             cfg: EvaluateConfig, perceptual) -> Evaluation:
     """Every metric of one pipeline (see the module docstring), its sample grid and other pictures.
 
     ``before_text``: the stage-2 text encoder (for the before-stage-3 alignment numbers), or None.
@@ -196,7 +196,7 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     metrics: dict[str, float] = {"candidates": cfg.candidates, "chance_r_precision": 1 / cfg.candidates}
 
     # Reconstruction of the test split.
-    test = SpriteDataset(processed_dir, "test", data_cfg)
+    test = SpriteDataset(processed_dir, "test")
     with phase(f"reconstruction of {len(test)} test sprites"):
         rec = reconstruct(pipeline, test.images, test.captions, cfg.batch_size)
         dist = torch.cat([perceptual.distance(to_unit_range(rec[i:i + 16]).to(device),
@@ -224,7 +224,7 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     with phase("text alignment of the generated and the real sprites"):
         generated_alignment = _alignment(generated, gen_feats, captions, alignment, scorer, cfg)
         metrics.update(generated_alignment)
-        real_images = SpriteDataset(processed_dir, None, data_cfg)
+        real_images = SpriteDataset(processed_dir, None)
         position = {r["number"]: i for i, r in enumerate(real_images.rows)}
         real_held = torch.stack([real_images.images[position[r["number"]]] for r in held])
         real_held_feats = real_feats[[by_number[r["number"]] for r in held]]

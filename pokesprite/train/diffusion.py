@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pokesprite.config import DataConfig, DiffusionStageConfig, TextConfig, to_dict
+from pokesprite.config import DiffusionStageConfig, TextConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.models.text import TextEncoder
@@ -145,7 +145,7 @@ def sample_grid(pipeline: SpritePipeline, prompts: list[str], seed: int = 0):
     return image_grid(pipeline(prompts, seed=seed), cols=len(prompts))
 
 
-def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: TextConfig, *, data_dir: Path,
+def train_diffusion(cfg: DiffusionStageConfig, text_cfg: TextConfig, *, data_dir: Path,
                     vae_checkpoint: Path, out_dir: Path, seed: int, device: str | torch.device = "cpu",
                     tracker: Tracker | None = None, resume: Path | None = None) -> dict:
     """Train the U-Net (and text projection); writes ``best.pt``, ``last.pt``, ``epoch_*.pt`` and ``samples.png``."""
@@ -158,8 +158,8 @@ def train_diffusion(cfg: DiffusionStageConfig, data_cfg: DataConfig, text_cfg: T
     text = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=text_cfg.max_tokens).to(device)
     text.freeze_transformer(0)
 
-    train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
-    val_set = SpriteDataset(data_dir, "val", data_cfg)
+    train_set = SpriteDataset(data_dir, "train", limit=cfg.train.max_train_items)
+    val_set = SpriteDataset(data_dir, "val")
     train_cache = LatentCache(vae, text, train_set, device, latent_scale=latent_scale)
     val_cache = LatentCache(vae, text, val_set, device, latent_scale=latent_scale)
     empty_hidden, empty_mask = text.encode_hidden([""], device=device)  # the unconditional "caption"

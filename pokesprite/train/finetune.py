@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pokesprite.config import DataConfig, FinetuneStageConfig, to_dict
+from pokesprite.config import FinetuneStageConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.losses import masked_clip_loss
 from pokesprite.evaluation.retrieval import r_precision, retrieval_accuracy
@@ -109,7 +109,7 @@ class OneStepObjective:
         return alignment, consistency, image_emb, keep
 
 
-def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: Path, vae_checkpoint: Path,
+def train_finetune(cfg: FinetuneStageConfig, *, data_dir: Path, vae_checkpoint: Path,
                    diffusion_checkpoint: Path, alignment, out_dir: Path, seed: int,
                    device: str | torch.device = "cpu", tracker: Tracker | None = None,
                    resume: Path | None = None) -> dict:
@@ -124,8 +124,8 @@ def train_finetune(cfg: FinetuneStageConfig, data_cfg: DataConfig, *, data_dir: 
     for m in (vae, unet):
         m.requires_grad_(False).eval()
 
-    train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
-    val_set = SpriteDataset(data_dir, "val", data_cfg)
+    train_set = SpriteDataset(data_dir, "train", limit=cfg.train.max_train_items)
+    val_set = SpriteDataset(data_dir, "val")
     with torch.no_grad():
         train_emb = alignment.encode_text(train_set.captions).cpu()
         val_emb = alignment.encode_text(val_set.captions).cpu()

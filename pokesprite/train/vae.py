@@ -104,8 +104,8 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
     g = seed_everything(seed)
-    train_set = SpriteDataset(data_dir, "train", data_cfg, limit=cfg.train.max_train_items)
-    val_set = SpriteDataset(data_dir, "val", data_cfg)
+    train_set = SpriteDataset(data_dir, "train", limit=cfg.train.max_train_items)
+    val_set = SpriteDataset(data_dir, "val")
     bs = cfg.train.batch_size
     # Both splits stay on the device as uint8 (718 sprites at 215 px are 100 MB); batches are indexed
     # and augmented there.
