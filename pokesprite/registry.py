@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 import mlflow
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, _MLFLOW_IS_IN_SERVING_ENVIRONMENT
@@ -158,8 +159,10 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
     model draws on (``#rrggbb`` or ``R,G,B``), which keying makes transparent. A bad or unknown
     param raises ``MlflowException`` (INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``).
 
-    ``predict`` has no type hints on purpose: MLflow would then replace the logged signature, whose
-    params schema is what lets callers pass these options. ``load_model(uri, model_config={"device":
+    ``predict``'s input is typed ``pd.DataFrame``, which is what pyfunc hands it (the logged signature's
+    one string column turns a list of prompts into a one-column frame); MLflow infers no schema from
+    that type, so it keeps the logged signature, whose params schema is what lets callers pass these
+    options (a type it could infer from would replace it). ``load_model(uri, model_config={"device":
     "cuda:1"})`` picks the device (default: CUDA when present, else the CPU).
     """
 
@@ -173,7 +176,7 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
         device = (context.model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         from pokesprite.pipeline import DrawingTimeout
 
         params = params or {}

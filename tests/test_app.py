@@ -212,6 +212,13 @@ def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry, cap
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_the_model_class_loads_without_mlflows_type_hint_advice():
+    """MLflow advises type hints on every import of a PythonModel without them; predict has them."""
+    out = subprocess.run([sys.executable, "-c", "import pokesprite.registry"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "type hint" not in out.stderr, out.stderr
+
+
 def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipeline_dir, tmp_path):
     """Also: a request that runs past the server's timeout gets 504, and its drawing stops soon after
     (the server alone would leave it computing for nobody)."""
