@@ -7,6 +7,7 @@ process and asked to draw.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS, dvc_project, postgres_database, run
+from conftest import ROOT, TESTS, dvc_project, postgres_database, prefect_server, run
 from flows.server import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
@@ -31,19 +32,8 @@ TRAINING = ("alignment", "vae", "diffusion", "finetune")  # the stages with per-
 def project(raw_subset, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     env = dvc_project(root, raw_subset, (TESTS / "tiny_params.yaml").read_text())
-    # One Prefect server for the whole module (as `make ui` runs it): each stage reports to it
-    # instead of starting a temporary server of its own, which saves ~10 s per stage.
-    port = free_port()
-    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/api/health", server)
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        repro = run(["dvc", "repro"], root, env)
-        yield root, env, repro
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with prefect_server(root, env):  # one for the whole module
+        yield root, env, run(["dvc", "repro"], root, env)
 
 
 def mlflow_client(root):
@@ -251,44 +241,6 @@ def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp
     assert mismatch.returncode == 2 and "holds a diffusion checkpoint but --stage 1 is vae" in mismatch.stderr
 
 
-def test_a_shared_mlflow_server_on_postgresql_records_a_stage_and_serves_the_champion(project, tmp_path):
-    """`make mlflow-server`'s command against a real PostgreSQL, artifacts stored by the server: the
-    evaluate stage, run again by `dvc repro` with MLFLOW_TRACKING_URI at the server, records its run
-    there and registers the champion, which a new process loads by alias through the server."""
-    root, env, _ = project
-    artifacts = tmp_path / "server-artifacts"
-    with postgres_database() as database:
-        port = free_port()
-        server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", database, "--serve-artifacts",
-                                   "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=tmp_path, env=env,
-                                  stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}/health", server, log=tmp_path / "server.log")
-            served = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-            repro = run(["dvc", "repro", "--force", "--single-item", "evaluate"], root, served)
-            assert "Running stage 'evaluate'" in repro.stdout
-            script = textwrap.dedent("""
-                import json, mlflow
-                client = mlflow.MlflowClient()
-                (run,) = client.search_runs([client.get_experiment_by_name("pokesprite").experiment_id])
-                model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
-                images = model.predict(["a blue turtle"], params={"seed": 0, "num_steps": 2})
-                print(json.dumps({"stage": run.data.tags["stage"], "artifacts": run.info.artifact_uri,
-                                  "champion": client.get_model_version_by_alias("pokesprite", "champion").version,
-                                  "shape": list(images.shape)}))
-            """)
-            result = json.loads(run([sys.executable, "-c", script], tmp_path, served).stdout.splitlines()[-1])
-        finally:
-            if server.poll() is None:
-                os.killpg(server.pid, 15)
-            server.wait(timeout=60)
-    assert result == {"stage": "evaluate", "artifacts": result["artifacts"], "champion": "1", "shape": [1, 215, 215, 3]}
-    assert result["artifacts"].startswith("mlflow-artifacts:")  # stored by the server, not on this machine
-    assert list(artifacts.rglob("pipeline.pt")) and list(artifacts.rglob("sample_grid.png"))
-
-
 def test_a_fresh_clone_pulls_every_output_from_a_remote_and_has_nothing_to_reproduce(project, tmp_path):
     """`dvc push` to a (local-folder) remote, `git clone`, `dvc pull`: the clone has the data and every
     stage's output, and `dvc repro` there runs nothing. Cached checkpoints hold each set of weights once."""
@@ -315,10 +267,35 @@ def test_a_fresh_clone_pulls_every_output_from_a_remote_and_has_nothing_to_repro
     assert "Running stage" not in repro.stdout and "up to date" in repro.stdout, repro.stdout
 
 
-def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte(project, raw_subset, tmp_path):
+@contextlib.contextmanager
+def mlflow_server_on_postgresql(folder, env):
+    """`make mlflow-server`'s command on 127.0.0.1: runs and registry in a throwaway PostgreSQL,
+    artifacts stored by the server under ``folder``/artifacts; yields its URL."""
+    with postgres_database() as database:
+        port = free_port()
+        log = folder / "mlflow-server.log"
+        server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", database, "--serve-artifacts",
+                                   "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=folder, env=env, stdout=open(log, "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/health", server, log=log)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+
+
+def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte_reporting_to_a_shared_server(
+        project, raw_subset, tmp_path):
     """Two people who run `dvc repro` on the same commit agree on dvc.lock: a fresh clone with only the
     data (imported, as `make data` does) trains every stage from scratch, on the CPU, and ends with the
-    committed dvc.lock, metrics and plots unchanged (`git status` clean)."""
+    committed dvc.lock, metrics and plots unchanged (`git status` clean).
+
+    The clone reports to a team's shared MLflow server on PostgreSQL (artifacts stored by the server),
+    as the README's `make mlflow-server` recipe sets it up: the server ends with one run per stage and
+    the clone's champion, which a new process loads by alias through the server and asks to draw."""
     root, env, _ = project
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "trained", "--allow-empty"], root, env)
@@ -326,7 +303,23 @@ def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte(project, raw_su
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
     run([sys.executable, "-m", "pokesprite.cli", "data", "import", str(raw_subset)], clone, env)
     assert "Running stage" not in run(["dvc", "status", "data.dvc"], clone, env).stdout
-    repro = run(["dvc", "repro"], clone, env)
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    with mlflow_server_on_postgresql(server_dir, env) as url:
+        served = {**env, "MLFLOW_TRACKING_URI": url}
+        repro = run(["dvc", "repro"], clone, served)
+        script = textwrap.dedent("""
+            import json, mlflow
+            client = mlflow.MlflowClient()
+            runs = client.search_runs([client.get_experiment_by_name("pokesprite").experiment_id])
+            model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
+            images = model.predict(["a blue turtle"], params={"seed": 0, "num_steps": 2})
+            print(json.dumps({"stages": sorted(r.data.tags["stage"] for r in runs),
+                              "artifacts": sorted({r.info.artifact_uri.split(":")[0] for r in runs}),
+                              "champion": client.get_model_version_by_alias("pokesprite", "champion").version,
+                              "shape": list(images.shape)}))
+        """)
+        served_result = json.loads(run([sys.executable, "-c", script], tmp_path, served).stdout.splitlines()[-1])
     for stage in STAGES:
         assert f"Running stage '{stage}'" in repro.stdout, stage
     status = run(["git", "status", "--porcelain"], clone, env).stdout
@@ -341,3 +334,11 @@ def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte(project, raw_su
             data = path.read_bytes()
             for place in places:
                 assert place.encode() not in data, f"{path.relative_to(clone)} holds the path {place}"
+
+    # The shared server has the clone's runs, stored by the server (mlflow-artifacts:, not this disk's
+    # paths), and serves its champion; the clone's own mlruns/ got nothing.
+    assert served_result == {"stages": sorted(STAGES), "artifacts": ["mlflow-artifacts"], "champion": "1",
+                             "shape": [1, 215, 215, 3]}
+    assert list((server_dir / "artifacts").rglob("pipeline.pt"))
+    assert list((server_dir / "artifacts").rglob("sample_grid.png"))
+    assert not (clone / "mlruns" / "mlflow.db").exists()

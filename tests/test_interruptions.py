@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TESTS, dvc_project, run
+from conftest import ROOT, TESTS, dvc_project, prefect_server, run
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "POKESPRITE_TRACKING": "off", "CI": "true"}
 
@@ -130,9 +130,10 @@ def weights(path: Path) -> dict:
 def straight(processed, tmp_path_factory):
     """Each training stage run once, uninterrupted: the reference weights."""
     root = project(tmp_path_factory.mktemp("straight") / "p", processed)
-    for stage in ("alignment", "vae", "diffusion", "finetune"):
-        out = train(root, stage)
-        assert out.returncode == 0, out.stderr[-3000:]
+    # one process for the four stages: each start would pay for importing torch and transformers again
+    out = subprocess.run([sys.executable, str(TESTS / "train_stages.py"), "alignment", "vae", "diffusion", "finetune"],
+                         cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
     return root
 
 
@@ -179,9 +180,15 @@ def test_dvc_repro_killed_in_the_vae_stage_resumes_there(straight, raw_subset, t
     root = tmp_path / "p"
     root.mkdir()
     env = dvc_project(root, raw_subset, params)
+    with prefect_server(root, env):  # outlives the kill, as a team's server or `make ui`'s would
+        killed_and_resumed(root, env, straight)
+
+
+def killed_and_resumed(root: Path, env: dict, straight: Path) -> None:
+    last = root / "outputs/vae/last.pt"
     proc = subprocess.Popen(["dvc", "repro", "vae"], cwd=root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    last, deadline = root / "outputs/vae/last.pt", time.monotonic() + 600
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if torch.load(last, weights_only=True)["epoch"] >= 2:
