@@ -13,6 +13,7 @@ Exits with the command's exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -60,29 +61,36 @@ def stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
+@contextlib.contextmanager
+def prefect_server(log: Path, env: dict | None = None, timeout: float = 180.0):
+    """``prefect server start`` (API and UI, no background services) on a free port of 127.0.0.1,
+    writing to ``log``, with ``env`` (default: this process's); yields its API URL, stops it at the end."""
+    prefect = Path(sys.executable).with_name("prefect")
+    port = free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                   "--no-services"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)  # Ctrl-C reaches the command, which ends first
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/api/health", server, log, timeout)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        stop(server)
+
+
 def run_with_server(command: list[str]) -> int:
     if os.environ.get("PREFECT_API_URL"):
         return subprocess.call(command)
-    prefect = Path(sys.executable).with_name("prefect")
-    port = free_port()
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
-    with tempfile.TemporaryDirectory(prefix="pokesprite-prefect-") as tmp:
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as out:
-            server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                       "--no-services"], stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)  # Ctrl-C reaches the command, which ends first
+    with tempfile.TemporaryDirectory(prefix="pokesprite-prefect-") as tmp, \
+            prefect_server(Path(tmp) / "server.log", timeout=timeout) as api_url:
+        print(f"Prefect server for this run: {api_url.removesuffix('/api')} (flow runs live; stopped at the end)",
+              flush=True)
+        child = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": api_url})
         try:
-            wait_until_up(f"http://127.0.0.1:{port}/api/health", server, log, timeout)
-            print(f"Prefect server for this run: http://127.0.0.1:{port} (flow runs live; stopped at the end)",
-                  flush=True)
-            child = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
-            try:
-                return child.wait()
-            except KeyboardInterrupt:  # the command got the Ctrl-C too: let it save its work and stop
-                return child.wait()
-        finally:
-            stop(server)
+            return child.wait()
+        except KeyboardInterrupt:  # the command got the Ctrl-C too: let it save its work and stop
+            return child.wait()
 
 
 def main(argv=None) -> int:

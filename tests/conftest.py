@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.server import free_port, wait_until_up
+from flows.server import free_port
+from flows.server import prefect_server as start_prefect_server
 from pokesprite.config import load_params
 from pokesprite.data import raw
 
@@ -95,20 +96,13 @@ def dvc_project(root: Path, raw_subset: Path, params_text: str) -> dict:
 
 
 @contextlib.contextmanager
-def prefect_server(cwd: Path, env: dict):
-    """One Prefect server on 127.0.0.1 (as `make repro` and `make ui` run one), its API URL set in
-    ``env``: the stages report to it instead of each starting a temporary server (~10 s a stage)."""
-    port = free_port()
-    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-services"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/api/health", server)
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        yield env["PREFECT_API_URL"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def prefect_server(root: Path, env: dict):
+    """One Prefect server for a project (``flows.server``'s, as `make repro` runs one), its API URL set
+    in ``env``: the stages report to it instead of each starting a temporary server (~10 s a stage)."""
+    log = root.parent / f"{root.name}-prefect-server.log"  # beside the project: not a file of its git tree
+    with start_prefect_server(log, env) as api_url:
+        env["PREFECT_API_URL"] = api_url
+        yield api_url
 
 
 @contextlib.contextmanager
