@@ -11,23 +11,48 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import uuid
 from pathlib import Path
 
 import torch
 
 
+def canonical(obj):
+    """``obj`` rebuilt so that its bytes under ``torch.save`` depend on its values only.
+
+    Pickle writes an object it has already written as a reference to it, and decides "already
+    written" by identity. So the same checkpoint saved from objects that were built by the code (the
+    literal key "epoch" is one shared string) and from objects read back from a file (each "epoch"
+    a string of its own, as a resumed run's history is) gave different bytes, and DVC different
+    hashes. Here every string is interned and every dict, list and tuple is a new one, so equal
+    values give equal bytes. Tensors are left as they are; an OrderedDict (a module's state_dict)
+    stays one, with its ``_metadata``."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        out = {canonical(k): canonical(v) for k, v in obj.items()}
+        if type(obj) is not dict:
+            out = type(obj)(out)
+            out.__dict__.update(canonical(vars(obj)))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(canonical(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a
-    crash leaves the old file or the new one, never half of one. The file gets the user's usual
-    permissions (0666 less the umask); the temporary file is removed if the write fails."""
+    """torch.save of ``canonical(obj)`` (equal checkpoints are equal files) to a temporary file in the
+    same folder, flushed to disk, then renamed over ``path``: a crash leaves the old file or the new
+    one, never half of one. The file gets the user's usual permissions (0666 less the umask); the
+    temporary file is removed if the write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(canonical(obj), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -18,6 +18,24 @@ def test_round_trip_and_kind_check(tmp_path):
         load_checkpoint(tmp_path / "missing.pt", "vae")
 
 
+def test_equal_checkpoints_are_equal_files_however_their_objects_were_made(tmp_path):
+    """As a resumed run saves them: a history read back from a file (its strings not the code's
+    literals) next to values the code built; and a module's state_dict stays an OrderedDict with its
+    _metadata."""
+    model = torch.nn.Linear(2, 3)
+    built = {"kind": "vae", "epoch": 2, "history": [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}],
+             "model": model.state_dict(), "shape": (1, 2)}
+    atomic_save(built, tmp_path / "built.pt")
+    read_back = torch.load(tmp_path / "built.pt", weights_only=True)
+    read_back["history"][1] = {"".join(["ep", "och"]): 2, "loss": 0.25}  # a string made at run time
+    read_back["epoch"] = 2
+    atomic_save(read_back, tmp_path / "resumed.pt")
+    assert (tmp_path / "resumed.pt").read_bytes() == (tmp_path / "built.pt").read_bytes()
+    state = load_checkpoint(tmp_path / "resumed.pt", "vae")["model"]
+    assert type(state) is type(model.state_dict()) and state._metadata == model.state_dict()._metadata
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
     atomic_save({"kind": "vae", "v": 1}, tmp_path / "a.pt")
     with pytest.raises(Exception):
