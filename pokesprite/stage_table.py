@@ -340,6 +340,13 @@ def prepare_run(name: str, params, layout: stages.Layout, device=None) -> Path |
     return decide_resume(name, params, layout)
 
 
+def interrupted_writes(folder: Path) -> list[Path]:
+    """The temporary files in ``folder`` (and below) of writes that a kill cut short: every file
+    pokesprite writes atomically goes through a temporary file whose name starts with a dot, and
+    nothing else in a stage's folder has one."""
+    return sorted(p for p in folder.rglob(".*") if p.is_file())
+
+
 def decide_resume(name: str, params, layout: stages.Layout) -> Path | None:
     """``prepare_run`` in one process."""
     from pokesprite.checkpoints import read
@@ -360,6 +367,9 @@ def decide_resume(name: str, params, layout: stages.Layout) -> Path | None:
             state = read(last).get("train") or {}
             log.info("%s: resuming from %s (epoch %s of %s): same params, inputs and code", name, last,
                      state.get("epoch"), state.get("epochs"))
+            for leftover in interrupted_writes(folder):  # else DVC would hash them into the stage's output
+                log.info("%s: removing %s, left by a write that was interrupted", name, leftover)
+                leftover.unlink()
             return last
         except ValueError as e:
             why = str(e)

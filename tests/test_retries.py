@@ -166,12 +166,20 @@ def test_the_mlflow_run_logs_exactly_the_params_the_table_lists(retried):
 
 
 def test_prepare_run_resumes_only_under_the_same_params_inputs_and_code(retried, tmp_path):
-    """The finished stage's last.pt is resumed (nothing left to train); a copy of the project with
-    other params, or other inputs, starts afresh: its stage folder is cleared and re-stamped."""
+    """The finished stage's last.pt is resumed (nothing left to train), without the temporary files
+    of interrupted writes; a copy of the project with other params, or other inputs, starts afresh:
+    its stage folder is cleared and re-stamped."""
     root, _, _, _ = retried
     layout, params = Layout(root), load_params(root / "params.yaml")
     last = layout.stage_dir("vae") / "last.pt"
+    kept = sorted(layout.stage_dir("vae").rglob("*"))
+    # what a kill during atomic_save and save_image_atomic leaves: DVC would hash them into the output
+    leftovers = [last.with_name(".last.pt.0123456789ab.tmp"), last.parent / "samples" / ".epoch_0001.0a1b2c3d.png"]
+    for leftover in leftovers:
+        leftover.parent.mkdir(exist_ok=True)
+        leftover.write_bytes(b"half a file")
     assert prepare_run("vae", params, layout) == last and last.is_file()
+    assert sorted(layout.stage_dir("vae").rglob("*")) == sorted({*kept, leftovers[1].parent})
     for i, change in enumerate(({"vae.train.lr": 0.002}, {"text.max_tokens": 16}, "input")):
         copy = tmp_path / f"copy{i}"
         shutil.copytree(root / "outputs", copy / "outputs")
