@@ -5,6 +5,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,45 @@ def dvc_project(root: Path, raw_subset: Path, params_text: str) -> dict:
                 ["dvc", "add", "-q", "data"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         run(cmd, root, env)
     return env
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_dvc_repro_in(root: Path, env: dict, stage: str, after_epoch: int) -> None:
+    """Start ``dvc repro`` in ``root`` and SIGKILL it, every process of it, once ``stage``'s last.pt
+    holds epoch ``after_epoch``: what a power cut or the OOM killer leaves behind."""
+    import torch
+
+    last = root / "outputs" / stage / "last.pt"
+    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if torch.load(last, weights_only=True)["epoch"] >= after_epoch:
+                break
+        except Exception:  # not there yet, or being replaced
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, f"dvc repro ended before epoch {after_epoch} of the {stage} stage"
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TESTS, dvc_project, postgres_database, prefect_server, run
+from conftest import ROOT, TESTS, dvc_project, kill_dvc_repro_in, postgres_database, prefect_server, run
 from flows.server import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
@@ -287,15 +288,19 @@ def mlflow_server_on_postgresql(folder, env):
             server.wait(timeout=60)
 
 
-def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte_reporting_to_a_shared_server(
+def test_a_fresh_clone_killed_in_the_vae_reproduces_the_committed_lock_to_the_byte_on_a_shared_server(
         project, raw_subset, tmp_path):
-    """Two people who run `dvc repro` on the same commit agree on dvc.lock: a fresh clone with only the
-    data (imported, as `make data` does) trains every stage from scratch, on the CPU, and ends with the
-    committed dvc.lock, metrics and plots unchanged (`git status` clean).
+    """Two people who run `dvc repro` on the same commit agree on dvc.lock, even when one's run dies: a
+    fresh clone with only the data (imported, as `make data` does) trains every stage from scratch,
+    on the CPU, is killed (SIGKILL, every process of it) after the vae's first epoch, and its next
+    `dvc repro` keeps the stages that had finished, marks the dead MLflow run KILLED and the dead
+    Prefect flow run Crashed, resumes the vae from its last.pt and ends with the committed dvc.lock,
+    metrics and plots unchanged (`git status` clean): the same weights as the uninterrupted run.
 
     The clone reports to a team's shared MLflow server on PostgreSQL (artifacts stored by the server),
-    as the README's `make mlflow-server` recipe sets it up: the server ends with one run per stage and
-    the clone's champion, which a new process loads by alias through the server and asks to draw."""
+    as the README's `make mlflow-server` recipe sets it up: the server ends with one finished run per
+    stage and the clone's champion, which a new process loads by alias through the server and asks
+    to draw."""
     root, env, _ = project
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "trained", "--allow-empty"], root, env)
@@ -305,8 +310,16 @@ def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte_reporting_to_a_
     assert "Running stage" not in run(["dvc", "status", "data.dvc"], clone, env).stdout
     server_dir = tmp_path / "server"
     server_dir.mkdir()
+    flow_runs = textwrap.dedent("""
+        import json
+        from prefect.client.orchestration import get_client
+        with get_client(sync_client=True) as client:
+            print(json.dumps({str(r.id): [r.name, r.state.type.value] for r in client.read_flow_runs()}))
+    """)
+    before = json.loads(run([sys.executable, "-c", flow_runs], tmp_path, env).stdout.splitlines()[-1])
     with mlflow_server_on_postgresql(server_dir, env) as url:
         served = {**env, "MLFLOW_TRACKING_URI": url}
+        kill_dvc_repro_in(clone, served, "vae", after_epoch=1)
         repro = run(["dvc", "repro"], clone, served)
         script = textwrap.dedent("""
             import json, mlflow
@@ -314,14 +327,25 @@ def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte_reporting_to_a_
             runs = client.search_runs([client.get_experiment_by_name("pokesprite").experiment_id])
             model = mlflow.pyfunc.load_model("models:/pokesprite@champion")
             images = model.predict(["a blue turtle"], params={"seed": 0, "num_steps": 2})
-            print(json.dumps({"stages": sorted(r.data.tags["stage"] for r in runs),
+            print(json.dumps({"runs": sorted([r.data.tags["stage"], r.info.status] for r in runs),
                               "artifacts": sorted({r.info.artifact_uri.split(":")[0] for r in runs}),
                               "champion": client.get_model_version_by_alias("pokesprite", "champion").version,
                               "shape": list(images.shape)}))
         """)
         served_result = json.loads(run([sys.executable, "-c", script], tmp_path, served).stdout.splitlines()[-1])
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in repro.stdout, stage
+    after = json.loads(run([sys.executable, "-c", flow_runs], tmp_path, env).stdout.splitlines()[-1])
+
+    log = repro.stdout + repro.stderr
+    for stage in STAGES:  # the stages that had finished before the kill are kept
+        assert (f"Running stage '{stage}'" in repro.stdout) == (STAGES.index(stage) >= STAGES.index("vae")), stage
+    resumed = re.search(r"vae: resuming from \S+ \(epoch (\d+) of 2\)", log)
+    assert resumed and int(resumed[1]) >= 1, log[-4000:]
+    assert re.search(r"MLflow run \w+ \(process \d+\) had died; marked KILLED", log), log[-4000:]
+    assert re.search(r"Prefect flow run vae \(process \d+\) had died; marked Crashed", log), log[-4000:]
+    new_runs = sorted(tuple(v) for k, v in after.items() if k not in before)
+    assert new_runs == sorted([(stage, "COMPLETED") for stage in STAGES] + [("vae", "CRASHED")]), new_runs
+    assert [line.split(",")[0] for line in (clone / "plots/vae.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
     status = run(["git", "status", "--porcelain"], clone, env).stdout
     assert status == "", f"the clone's dvc repro changed tracked files:\n{status}\n" + \
         run(["git", "diff", "--stat"], clone, env).stdout
@@ -337,8 +361,8 @@ def test_a_fresh_clone_reproduces_the_committed_lock_to_the_byte_reporting_to_a_
 
     # The shared server has the clone's runs, stored by the server (mlflow-artifacts:, not this disk's
     # paths), and serves its champion; the clone's own mlruns/ got nothing.
-    assert served_result == {"stages": sorted(STAGES), "artifacts": ["mlflow-artifacts"], "champion": "1",
-                             "shape": [1, 215, 215, 3]}
+    assert served_result == {"runs": sorted([[stage, "FINISHED"] for stage in STAGES] + [["vae", "KILLED"]]),
+                             "artifacts": ["mlflow-artifacts"], "champion": "1", "shape": [1, 215, 215, 3]}
     assert list((server_dir / "artifacts").rglob("pipeline.pt"))
     assert list((server_dir / "artifacts").rglob("sample_grid.png"))
     assert not (clone / "mlruns" / "mlflow.db").exists()
