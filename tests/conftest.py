@@ -113,26 +113,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_dvc_repro_in(root: Path, env: dict, stage: str, after_epoch: int) -> None:
-    """Start ``dvc repro`` in ``root`` and SIGKILL it, every process of it, once ``stage``'s last.pt
-    holds epoch ``after_epoch``: what a power cut or the OOM killer leaves behind."""
+def kill_once_saved(proc: subprocess.Popen, last: Path, epoch: int, what: str) -> None:
+    """SIGKILL ``proc`` and every process below it once the checkpoint ``last`` holds ``epoch``: what
+    a power cut or the OOM killer leaves behind."""
     import torch
 
-    last = root / "outputs" / stage / "last.pt"
-    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if torch.load(last, weights_only=True)["epoch"] >= after_epoch:
+            if torch.load(last, weights_only=True)["epoch"] >= epoch:
                 break
         except Exception:  # not there yet, or being replaced
             pass
         time.sleep(0.2)
-    assert proc.poll() is None, f"dvc repro ended before epoch {after_epoch} of the {stage} stage"
+    assert proc.poll() is None, f"{what} ended before epoch {epoch}"
     for pid in [proc.pid, *descendants(proc.pid)]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_dvc_repro_in(root: Path, env: dict, stage: str, after_epoch: int) -> None:
+    """Start ``dvc repro`` in ``root`` and kill it (``kill_once_saved``) in ``stage``."""
+    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    kill_once_saved(proc, root / "outputs" / stage / "last.pt", after_epoch, f"dvc repro's {stage} stage")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TESTS
+from conftest import ROOT, TESTS, kill_once_saved
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "POKESPRITE_TRACKING": "off", "CI": "true"}
 
@@ -108,18 +107,7 @@ def train(root: Path, stage: str, *, kill_after_epoch: int = 0) -> subprocess.Co
     if not kill_after_epoch:
         return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = root / "outputs" / stage / "last.pt"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if torch.load(last, weights_only=True)["epoch"] >= kill_after_epoch:
-                break
-        except Exception:  # not there yet, or being replaced
-            pass
-        time.sleep(0.2)
-    assert proc.poll() is None, f"{stage} ended before epoch {kill_after_epoch}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_saved(proc, root / "outputs" / stage / "last.pt", kill_after_epoch, stage)
     return None
 
 
