@@ -1,7 +1,8 @@
 """Training-step time of pokesprite's U-Net and VAE against diffusers models of equal configuration.
 
     python benchmarks/peer.py [--params params.yaml] [--device cpu] [--threads N] [--warmup 2]
-        [--repeats 5] [--models unet vae vae-matched] [--diffusers-geglu] [--breakdown] [--json PATH]
+        [--repeats 5] [--models unet vae vae-matched] [--diffusers-geglu] [--breakdown] [--default-malloc]
+        [--json PATH]
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: diffusers). Every model is built from its
 configuration alone; nothing is downloaded.
@@ -18,7 +19,9 @@ optimiser, same lr and weight decay on both sides), at the params file's batch s
   same images already padded to 216 px (replicated last row and column), the size our encoder runs at.
 
 Both models of a pair see the same inputs; their steps are interleaved (warm-up, then the timed
-repeats, alternating which runs first), in one process with the same threads. The table gives the
+repeats, alternating which runs first), in one process with the same threads and the C allocator
+settings pokesprite's commands use (``malloc_settings.for_commands``; ``--default-malloc``: glibc's
+defaults). The table gives the
 median wall-clock seconds per step, ratio = diffusers time / our time (above 1: ours is faster),
 parameters, GFLOPs of one forward + backward (convolutions, matrix products and attention,
 ``FlopCounterMode``)
@@ -86,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from pokesprite import malloc_settings
 from pokesprite.config import load_params
 from pokesprite.diffusion.schedule import NoiseSchedule
 from pokesprite.losses import kl_free_bits
@@ -294,10 +298,15 @@ def main() -> None:
                     help="keep diffusers' GEGLU feed-forward instead of the GELU one ours has")
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile each side and split its step into convolutions, matmuls, attention, rest (CPU only)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default malloc settings (by default both sides run under "
+                         "pokesprite.malloc_settings.for_commands(), as pokesprite's commands do)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args()
 
+    if not args.default_malloc:
+        malloc_settings.for_commands()
     p = load_params(args.params)
     if p.vae.model.text_conditioning and any(m.startswith("vae") for m in args.models):
         ap.error("the VAE comparison needs vae.model.text_conditioning false (AutoencoderKL has no text)")

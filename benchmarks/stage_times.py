@@ -198,9 +198,10 @@ def child(stage: str, project: Path, result: Path, via_flows: bool) -> int:
     """Run one stage in ``project`` with the phase timers on; write its timings to ``result``."""
     import logging
 
-    from pokesprite import gc_settings
+    from pokesprite import gc_settings, malloc_settings
 
-    gc_settings.for_commands()  # as the stage's command (flows.run) has it
+    gc_settings.for_commands()  # as the stage's command (flows.run) has them
+    malloc_settings.for_commands()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import pokesprite.stages as stages
     from pokesprite.config import load_params

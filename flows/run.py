@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from pokesprite import gc_settings
+from pokesprite import gc_settings, malloc_settings
 from pokesprite.config import ConfigError, load_params
 from pokesprite.stage_table import STAGES
 
@@ -85,6 +85,7 @@ def follow(stage: str, params_file: str) -> int:
 
 def main(argv=None) -> int:
     gc_settings.for_commands()
+    malloc_settings.for_commands()
     parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=(*STAGES, "pipeline"))

@@ -374,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from pokesprite import gc_settings
+    from pokesprite import gc_settings, malloc_settings
 
     gc_settings.for_commands()
+    malloc_settings.for_commands()
     args = build_parser().parse_args(argv)
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING  # torchrun: one speaks
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
