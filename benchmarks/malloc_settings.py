@@ -1,6 +1,6 @@
 """What pokesprite.malloc_settings saves: training steps of the VAE and the U-Net (params file sizes,
-``benchmarks/pointwise.py``'s ``training_steps``) in processes with glibc's default malloc settings
-and with ``malloc_settings.for_commands()``, alternately.
+``training_steps``) in processes with glibc's default malloc settings and with
+``malloc_settings.for_commands()``, alternately.
 
     python benchmarks/malloc_settings.py              # 3 processes each, 6 timed steps a model
     python benchmarks/malloc_settings.py --reps 5 --steps 8 --json malloc.json
@@ -23,6 +23,45 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("default", "commands")
 
 
+def training_steps(p) -> dict[str, tuple]:
+    """The VAE and the U-Net at the params file's sizes, each with a loss on fixed random inputs of
+    its training batch size, and its learning rate and weight decay: name -> (model, loss, lr, wd).
+
+    VAE: L1 + free-bits KL (no perceptual term); U-Net: the denoising loss on random latents and
+    caption features (as ``benchmarks/peer.py``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pokesprite.diffusion.schedule import NoiseSchedule
+    from pokesprite.losses import kl_free_bits
+    from pokesprite.models.unet import UNet
+    from pokesprite.models.vae import VAE
+    from pokesprite.train.diffusion import denoising_loss
+
+    vcfg, vb = p.vae.model, p.vae.train.batch_size
+    vae = VAE(vcfg)
+    images = torch.rand(vb, 3, vcfg.image_size, vcfg.image_size) * 2 - 1
+    captions = torch.randn(vb, p.text.max_tokens, p.text.dim) if vcfg.text_conditioning else None
+    w = p.vae.loss
+
+    def vae_loss():
+        recon, mean, logvar = vae(images, context=captions)
+        return w.l1_weight * F.l1_loss(recon, images) + w.kl_weight * kl_free_bits(mean, logvar, w.free_bits)
+
+    ucfg, ub = p.diffusion.unet, p.diffusion.train.batch_size
+    unet = UNet(ucfg, context_dim=p.text.dim)
+    schedule = NoiseSchedule(p.diffusion.schedule)
+    z0 = torch.randn(ub, ucfg.latent_channels, 27, 27)
+    context = torch.randn(ub, p.text.max_tokens, p.text.dim)
+    kw = {"kind": p.diffusion.loss, "prediction": p.diffusion.prediction, "min_snr_gamma": p.diffusion.min_snr_gamma}
+
+    def unet_loss():
+        return denoising_loss(unet, schedule, z0, context, None, **kw)
+
+    return {"vae": (vae, vae_loss, p.vae.train.lr, p.vae.train.weight_decay),
+            "unet": (unet, unet_loss, p.diffusion.train.lr, p.diffusion.train.weight_decay)}
+
+
 def child(mode: str, params: str, steps: int, threads: int) -> None:
     import resource
 
@@ -34,9 +73,6 @@ def child(mode: str, params: str, steps: int, threads: int) -> None:
 
     from pokesprite.config import load_params
     from pokesprite.train.common import make_optimizer
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from pointwise import training_steps
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from pokesprite.config import UNetConfig, VAEConfig
-from pokesprite.models.layers import (Attention, CrossAttentionBlock, PointwiseConv, mha_to_attention,
-                                      timestep_embedding)
+from pokesprite.models.layers import Attention, CrossAttentionBlock, mha_to_attention, timestep_embedding
 from pokesprite.models.unet import UNet
 from pokesprite.losses import kl_free_bits
 from pokesprite.models.vae import VAE
@@ -222,17 +221,3 @@ def test_unet_of_the_multihead_attention_era_loads_and_is_built_alike(monkeypatc
     x, t, ctx = unet_inputs()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
     assert torch.allclose(new(x, t, ctx, mask), old(x, t, ctx, mask), atol=1e-4)
-
-
-def test_pointwise_conv_is_a_1x1_convolution_with_its_weights():
-    torch.manual_seed(0)
-    ours, conv = PointwiseConv(6, 4), torch.nn.Conv2d(6, 4, 1)
-    conv.load_state_dict(ours.state_dict())  # the same parameters, names and shapes
-    x = torch.randn(3, 6, 5, 7, requires_grad=True)
-    grad = torch.randn(3, 4, 5, 7)
-    torch.testing.assert_close(ours(x), conv(x))
-    gx_ours, gw_ours, gb_ours = torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), grad)
-    gx_conv, gw_conv, gb_conv = torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad)
-    for a, b in ((gx_ours, gx_conv), (gw_ours, gw_conv), (gb_ours, gb_conv)):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), conv(x))
