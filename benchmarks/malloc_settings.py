@@ -21,45 +21,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("default", "commands")
+sys.path.insert(0, str(REPO))  # benchmarks.peer; torch is imported only after the settings are made
 
 
 def training_steps(p) -> dict[str, tuple]:
-    """The VAE and the U-Net at the params file's sizes, each with a loss on fixed random inputs of
-    its training batch size, and its learning rate and weight decay: name -> (model, loss, lr, wd).
-
-    VAE: L1 + free-bits KL (no perceptual term); U-Net: the denoising loss on random latents and
-    caption features (as ``benchmarks/peer.py``)."""
+    """The VAE and the U-Net at the params file's sizes with ``benchmarks/peer.py``'s training losses
+    on fixed random inputs (the U-Net's without an attention mask): name -> (Contender, train config)."""
     import torch
-    import torch.nn.functional as F
 
-    from pokesprite.diffusion.schedule import NoiseSchedule
-    from pokesprite.losses import kl_free_bits
-    from pokesprite.models.unet import UNet
-    from pokesprite.models.vae import VAE
-    from pokesprite.train.diffusion import denoising_loss
+    from benchmarks.peer import our_unet, our_vae, unet_batch
 
-    vcfg, vb = p.vae.model, p.vae.train.batch_size
-    vae = VAE(vcfg)
-    images = torch.rand(vb, 3, vcfg.image_size, vcfg.image_size) * 2 - 1
-    captions = torch.randn(vb, p.text.max_tokens, p.text.dim) if vcfg.text_conditioning else None
-    w = p.vae.loss
-
-    def vae_loss():
-        recon, mean, logvar = vae(images, context=captions)
-        return w.l1_weight * F.l1_loss(recon, images) + w.kl_weight * kl_free_bits(mean, logvar, w.free_bits)
-
-    ucfg, ub = p.diffusion.unet, p.diffusion.train.batch_size
-    unet = UNet(ucfg, context_dim=p.text.dim)
-    schedule = NoiseSchedule(p.diffusion.schedule)
-    z0 = torch.randn(ub, ucfg.latent_channels, 27, 27)
-    context = torch.randn(ub, p.text.max_tokens, p.text.dim)
-    kw = {"kind": p.diffusion.loss, "prediction": p.diffusion.prediction, "min_snr_gamma": p.diffusion.min_snr_gamma}
-
-    def unet_loss():
-        return denoising_loss(unet, schedule, z0, context, None, **kw)
-
-    return {"vae": (vae, vae_loss, p.vae.train.lr, p.vae.train.weight_decay),
-            "unet": (unet, unet_loss, p.diffusion.train.lr, p.diffusion.train.weight_decay)}
+    cpu = torch.device("cpu")
+    return {"vae": (our_vae(p, cpu), p.vae.train),
+            "unet": (our_unet(p, cpu, unet_batch(p, cpu, masked=False)), p.diffusion.train)}
 
 
 def child(mode: str, params: str, steps: int, threads: int) -> None:
@@ -71,20 +45,14 @@ def child(mode: str, params: str, steps: int, threads: int) -> None:
         assert malloc_settings.for_commands(), "malloc_settings.for_commands() did not take (not glibc?)"
     import torch
 
+    from benchmarks.peer import step_fn
     from pokesprite.config import load_params
-    from pokesprite.train.common import make_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     report = {}
-    for name, (model, loss, lr, wd) in training_steps(load_params(params)).items():
-        opt = make_optimizer(model.parameters(), lr, wd)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss().backward()
-            opt.step()
-
+    for name, (contender, train) in training_steps(load_params(params)).items():
+        step = step_fn(contender, train.lr, train.weight_decay)
         step(), step()
         before, times = resource.getrusage(resource.RUSAGE_SELF), []
         for _ in range(steps):

@@ -145,47 +145,74 @@ def diffusers_vae(p, matched_decoder: bool) -> nn.Module:
     return vae
 
 
-def unet_pair(p, device, geglu: bool) -> tuple[Contender, Contender]:
+def unet_batch(p, device, masked: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random (latents, caption features, attention mask) of the U-Net's training batch size."""
     cfg, b, L = p.diffusion.unet, p.diffusion.train.batch_size, p.text.max_tokens
-    schedule = NoiseSchedule(p.diffusion.schedule)
     z0 = torch.randn(b, cfg.latent_channels, 27, 27, device=device)
     context = torch.randn(b, L, p.text.dim, device=device)
     # Real captions have a median of 131 tokens (README), so most rows fill all L; some are shorter.
     mask = torch.arange(L, device=device)[None] < torch.randint(L // 2, L + 1, (b, 1), device=device)
-    kw = {"kind": p.diffusion.loss, "prediction": p.diffusion.prediction, "min_snr_gamma": p.diffusion.min_snr_gamma}
+    return z0, context, mask if masked else None
 
-    ours = UNet(cfg, context_dim=p.text.dim).to(device)
+
+def _denoising(p, model, batch) -> Callable[[], torch.Tensor]:
+    schedule = NoiseSchedule(p.diffusion.schedule)
+    kw = {"kind": p.diffusion.loss, "prediction": p.diffusion.prediction, "min_snr_gamma": p.diffusion.min_snr_gamma}
+    return lambda: denoising_loss(model, schedule, *batch, **kw)
+
+
+def our_unet(p, device, batch) -> Contender:
+    """pokesprite's U-Net at the params file's sizes, with its denoising loss on ``batch``."""
+    ours = UNet(p.diffusion.unet, context_dim=p.text.dim).to(device)
+    return Contender(ours, _denoising(p, ours, batch))
+
+
+def unet_pair(p, device, geglu: bool) -> tuple[Contender, Contender]:
+    batch = unet_batch(p, device)
     theirs = diffusers_unet(p, geglu).to(device)
 
     def call_theirs(zt, t, ctx, m):
         return theirs(zt, t, encoder_hidden_states=ctx, encoder_attention_mask=m).sample
 
-    return (Contender(ours, lambda: denoising_loss(ours, schedule, z0, context, mask, **kw)),
-            Contender(theirs, lambda: denoising_loss(call_theirs, schedule, z0, context, mask, **kw)))
+    return our_unet(p, device, batch), Contender(theirs, _denoising(p, call_theirs, batch))
+
+
+def _vae_loss(p, recon, target, mean, logvar) -> torch.Tensor:
+    w = p.vae.loss
+    return w.l1_weight * F.l1_loss(recon, target) + w.kl_weight * kl_free_bits(mean, logvar, w.free_bits)
+
+
+def our_vae(p, device, images: torch.Tensor | None = None) -> Contender:
+    """pokesprite's VAE at the params file's sizes, with L1 + free-bits KL (no perceptual term) on
+    ``images`` (default: random ones of its training batch size)."""
+    cfg = p.vae.model
+    ours = VAE(cfg).to(device)
+    if images is None:
+        images = torch.rand(p.vae.train.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    captions = (torch.randn(len(images), p.text.max_tokens, p.text.dim, device=device)
+                if cfg.text_conditioning else None)
+
+    def loss():
+        recon, mean, logvar = ours(images, context=captions)
+        return _vae_loss(p, recon, images, mean, logvar)
+
+    return Contender(ours, loss)
 
 
 def vae_pair(p, device, matched_decoder: bool) -> tuple[Contender, Contender]:
-    cfg, b = p.vae.model, p.vae.train.batch_size
-    w = p.vae.loss
-    ours = VAE(cfg).to(device)
+    cfg = p.vae.model
+    x = torch.rand(p.vae.train.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    ours = our_vae(p, device, x)
     theirs = diffusers_vae(p, matched_decoder).to(device)
-    x = torch.rand(b, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    pad = ours.padded - cfg.image_size
+    pad = ours.model.padded - cfg.image_size
     x_padded = F.pad(x, (0, pad, 0, pad), mode="replicate")
-
-    def loss(recon, target, mean, logvar):
-        return w.l1_weight * F.l1_loss(recon, target) + w.kl_weight * kl_free_bits(mean, logvar, w.free_bits)
-
-    def ours_loss():
-        recon, mean, logvar = ours(x)
-        return loss(recon, x, mean, logvar)
 
     def theirs_loss():
         posterior = theirs.encode(x_padded).latent_dist
         recon = theirs.decode(sample_posterior(posterior.mean, posterior.logvar)).sample
-        return loss(recon, x_padded, posterior.mean, posterior.logvar)
+        return _vae_loss(p, recon, x_padded, posterior.mean, posterior.logvar)
 
-    return Contender(ours, ours_loss), Contender(theirs, theirs_loss)
+    return ours, Contender(theirs, theirs_loss)
 
 
 def step_fn(c: Contender, lr: float, weight_decay: float) -> Callable[[], None]:
