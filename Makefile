@@ -41,8 +41,11 @@ data: install
 repro: data
 	$(BIN)/python -m flows.server -- $(BIN)/dvc repro
 
+# Two worker processes, each given whole test files (a file's module fixtures are built once), the
+# slow files first (tests/conftest.py); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Prefect UI on :4200, MLflow UI on :5000 and TensorBoard on :6006 (Ctrl-C stops all three).
 ui: install

@@ -12,16 +12,30 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
+# `make test` runs the suite in parallel processes (pytest-xdist): each gets its share of the cores for
+# torch's threads, and so does every process its tests start. Set before torch is first imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-from flows.server import free_port
-from flows.server import prefect_server as start_prefect_server
-from pokesprite.config import load_params
-from pokesprite.data import raw
+import pytest  # noqa: E402
+
+from flows.server import free_port  # noqa: E402
+from flows.server import prefect_server as start_prefect_server  # noqa: E402
+from pokesprite.config import load_params  # noqa: E402
+from pokesprite.data import raw  # noqa: E402
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 N_SPRITES = 16
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, in their own order: the parallel workers of `make test` are handed
+    whole files (``--dist loadfile``) in this order, so the longest work starts first and they finish
+    together."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 def make_subset(source: Path, dest: Path, n: int = N_SPRITES) -> Path:

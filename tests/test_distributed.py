@@ -28,6 +28,7 @@ import yaml
 
 from conftest import ROOT, TESTS
 
+pytestmark = pytest.mark.slow
 TOLERANCE = 0.1  # |w_2 - w_1| / |w_1 after the last epoch - w_1 before it|; rounding gives ~0.01
 EPOCHS = 2
 TRAINED = {"vae": "1", "diffusion": "2", "finetune": "3"}

@@ -20,6 +20,7 @@ import yaml
 
 from conftest import ROOT, TESTS, kill_once_saved
 
+pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "POKESPRITE_TRACKING": "off", "CI": "true"}
 
 
