@@ -4,8 +4,8 @@ With glibc's defaults a freed block goes back to the operating system as soon as
 a block of 32 MiB or more is its own mapping, unmapped when freed, and free memory at the top of the
 heap is trimmed. A training step allocates and frees the same large activations every time (the
 VAE's 216 px feature maps are 24-48 MiB at batch 8), so every step the kernel maps fresh pages and
-zeroes them again. For the VAE at params.yaml's sizes that was 287,000 page faults and 1.3 s of
-system time in a 3.5 s step on 2 cores (``benchmarks/malloc_settings.py`` measures it).
+zeroes them again. For the VAE at params.yaml's sizes that was about 284,000 page faults and 1.2 s
+of system time in a 3.3 s step on 2 cores (``benchmarks/malloc_settings.py`` measures it).
 
 ``for_commands`` keeps freed memory in the process for reuse instead, in the process that calls it
 only (importing pokesprite as a library changes nothing):
@@ -13,8 +13,8 @@ only (importing pokesprite as a library changes nothing):
 * blocks below 1 GiB come from the heap rather than from mappings of their own;
 * free memory at the top of the heap is kept up to 2 GiB (the largest value ``mallopt`` takes).
 
-The process's peak memory is what it was (its largest step's activations); it just keeps that memory
-between steps. Other C libraries are left alone.
+The process keeps that memory between steps instead of returning it, so its peak grows a little (the
+VAE benchmark's: 2,074 MiB against 1,919). Other C libraries are left alone.
 """
 from __future__ import annotations
 
