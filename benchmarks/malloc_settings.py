@@ -29,10 +29,10 @@ def training_steps(p) -> dict[str, tuple]:
     on fixed random inputs (the U-Net's without an attention mask): name -> (Contender, train config)."""
     import torch
 
-    from benchmarks.peer import our_unet, our_vae, unet_batch
+    from benchmarks.peer import our_unet, our_vae, unet_batch, vae_images
 
     cpu = torch.device("cpu")
-    return {"vae": (our_vae(p, cpu), p.vae.train),
+    return {"vae": (our_vae(p, cpu, vae_images(p, cpu)), p.vae.train),
             "unet": (our_unet(p, cpu, unet_batch(p, cpu, masked=False)), p.diffusion.train)}
 
 

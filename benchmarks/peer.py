@@ -182,13 +182,17 @@ def _vae_loss(p, recon, target, mean, logvar) -> torch.Tensor:
     return w.l1_weight * F.l1_loss(recon, target) + w.kl_weight * kl_free_bits(mean, logvar, w.free_bits)
 
 
-def our_vae(p, device, images: torch.Tensor | None = None) -> Contender:
+def vae_images(p, device) -> torch.Tensor:
+    """Random images in [-1, 1] of the VAE's training batch size and image size."""
+    size = p.vae.model.image_size
+    return torch.rand(p.vae.train.batch_size, 3, size, size, device=device) * 2 - 1
+
+
+def our_vae(p, device, images: torch.Tensor) -> Contender:
     """pokesprite's VAE at the params file's sizes, with L1 + free-bits KL (no perceptual term) on
-    ``images`` (default: random ones of its training batch size)."""
+    ``images``."""
     cfg = p.vae.model
     ours = VAE(cfg).to(device)
-    if images is None:
-        images = torch.rand(p.vae.train.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     captions = (torch.randn(len(images), p.text.max_tokens, p.text.dim, device=device)
                 if cfg.text_conditioning else None)
 
@@ -200,11 +204,10 @@ def our_vae(p, device, images: torch.Tensor | None = None) -> Contender:
 
 
 def vae_pair(p, device, matched_decoder: bool) -> tuple[Contender, Contender]:
-    cfg = p.vae.model
-    x = torch.rand(p.vae.train.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    x = vae_images(p, device)
     ours = our_vae(p, device, x)
     theirs = diffusers_vae(p, matched_decoder).to(device)
-    pad = ours.model.padded - cfg.image_size
+    pad = ours.model.padded - p.vae.model.image_size
     x_padded = F.pad(x, (0, pad, 0, pad), mode="replicate")
 
     def theirs_loss():
