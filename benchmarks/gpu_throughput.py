@@ -93,7 +93,6 @@ def frozen_vgg(name: str, random_weights: bool) -> tuple[VGGFeatures, str]:
             return load_vgg(name), "pretrained"
         except (ImportError, FileNotFoundError):
             pass
-    name = "vgg19" if name == "auto" else name
     layers, _ = make_layers(name)
     return VGGFeatures(name, layers.state_dict()), "random"
 

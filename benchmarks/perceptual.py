@@ -1,6 +1,6 @@
 """Cost of the VAE's perceptual loss: forward + backward time per image at a few VGG input sizes.
 
-    python benchmarks/perceptual.py [--net auto] [--sizes 112 215] [--batch 8] [--repeats 3] [--threads 2]
+    python benchmarks/perceptual.py [--net vgg19] [--sizes 112 215] [--batch 8] [--repeats 3] [--threads 2]
 
 Random 215 px reconstructions and targets (as the VAE sees them); one warm-up step per size, then
 ``--repeats`` timed steps of loss(recon, target).backward(). CPU only.
@@ -34,7 +34,7 @@ def time_per_image(loss: PerceptualLoss, batch: int, repeats: int, image_size: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--net", default="auto", choices=["auto", "vgg16", "vgg19"])
+    ap.add_argument("--net", default="vgg19", choices=["vgg16", "vgg19"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[112, 215])
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)

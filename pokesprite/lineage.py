@@ -28,18 +28,20 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
-GENERATED = ("dvc.lock", "metrics/", "plots/")  # tracked files that `dvc repro` itself rewrites
+# Tracked files whose changes git_dirty ignores: what `dvc repro` itself rewrites, and params.yaml,
+# whose changes the `changed` tag records (every `dvc exp run -S` changes it)
+NOT_CODE = ("dvc.lock", "metrics/", "plots/", "params.yaml")
 
 
 def git_dirty(root: Path) -> bool | None:
-    """Do tracked files differ from the commit (apart from what DVC writes during the run)?"""
+    """Do tracked files differ from the commit, apart from ``NOT_CODE``?"""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                              capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     changed = [line[3:] for line in out.stdout.splitlines() if line.strip()]
-    return any(not path.startswith(GENERATED) for path in changed)
+    return any(not path.startswith(NOT_CODE) for path in changed)
 
 
 def _out_hashes(entry: dict) -> str:
@@ -73,8 +75,8 @@ def dvc_experiment() -> dict[str, str]:
 
 def lineage_tags(root: Path, extra: dict | None = None, *, running: str | None = None) -> dict[str, str]:
     """Registry tags: git_commit, git_dirty, data_dvc_md5, dvc_lock.<stage>, the DVC experiment
-    (dvc_exp_name, dvc_exp_baseline_rev) when there is one, plus ``extra`` (e.g. the Prefect flow run).
-    ``git_dirty`` true means the code differed from ``git_commit``. The ``running`` stage is left
+    (dvc_exp_name, dvc_exp_baseline_rev) when there is one, plus ``extra`` (e.g. the Prefect flow run,
+    the params that changed). ``git_dirty`` true means the code differed from ``git_commit``. The ``running`` stage is left
     out: its ``dvc.lock`` entry is still the previous run's."""
     dirty = git_dirty(root)
     tags = {"git_commit": git_commit(root), "git_dirty": None if dirty is None else str(dirty).lower(),

@@ -24,7 +24,7 @@ class PerceptualLoss(nn.Module):
     Euclidean distance (0..4), averaged over positions and batch, then over blocks.
     """
 
-    def __init__(self, net: str = "auto", size: int = 112, blocks: int = 3, vgg: nn.Module | None = None):
+    def __init__(self, net: str = "vgg19", size: int = 112, blocks: int = 3, vgg: nn.Module | None = None):
         super().__init__()
         self.vgg = vgg if vgg is not None else load_vgg(net)  # ``vgg``: a ready feature network instead
         self.size = size

@@ -26,7 +26,7 @@ from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule, check_pred
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
-from pokesprite.checkpoints import atomic_save, load_checkpoint, require_weights
+from pokesprite.checkpoints import atomic_folder, atomic_save, load_checkpoint, require_weights
 
 PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
@@ -186,22 +186,24 @@ class SpritePipeline:
         return self.vae.decode(z / self.latent_scale)
 
     def save(self, directory: Path) -> Path:
+        """Write the pipeline as a folder (text encoder and tokenizer, then everything else), which
+        replaces ``directory`` whole once written: a crash never leaves a mix of two pipelines."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.text.save_transformer(directory / TEXT_DIR)
-        atomic_save({
-            "kind": "pipeline",
-            "vae": {"config": to_dict(self.vae.cfg), "state_dict": self.vae.state_dict(),
-                    "context_dim": self.vae.context_dim},
-            "unet": {"config": to_dict(self.unet.cfg), "state_dict": self.unet.state_dict()},
-            "text": {"dim": self.text.proj.out_features, "max_tokens": self.text.max_tokens,
-                     "proj": self.text.proj.state_dict()},
-            "schedule": to_dict(self.schedule.cfg),
-            "latent_scale": self.latent_scale,
-            "latent_clamp": self.latent_clamp,
-            "prediction": self.prediction,
-            "sample": to_dict(self.sample),
-        }, directory / PIPELINE_FILE)
+        with atomic_folder(directory) as staging:
+            self.text.save_transformer(staging / TEXT_DIR)
+            atomic_save({
+                "kind": "pipeline",
+                "vae": {"config": to_dict(self.vae.cfg), "state_dict": self.vae.state_dict(),
+                        "context_dim": self.vae.context_dim},
+                "unet": {"config": to_dict(self.unet.cfg), "state_dict": self.unet.state_dict()},
+                "text": {"dim": self.text.proj.out_features, "max_tokens": self.text.max_tokens,
+                         "proj": self.text.proj.state_dict()},
+                "schedule": to_dict(self.schedule.cfg),
+                "latent_scale": self.latent_scale,
+                "latent_clamp": self.latent_clamp,
+                "prediction": self.prediction,
+                "sample": to_dict(self.sample),
+            }, staging / PIPELINE_FILE)
         return directory
 
     @classmethod

@@ -271,19 +271,30 @@ def version_metrics(version) -> dict[str, float]:
 
 
 def current_champion(name: str):
+    """The version that holds ``champion``, or None when the model or the alias does not exist yet.
+
+    Any other registry error (a server that is down, a locked database) is raised, not read as "no
+    champion": that would promote the next version without comparing it with anything."""
     client = mlflow.MlflowClient()
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return None
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (model.aliases or {}).get(CHAMPION)
+    return client.get_model_version(name, str(version)) if version is not None else None
 
 
 def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: dict, *,
-                       alignment_tolerance: float) -> dict:
-    """Log and register the pipeline in the active run, tag it, and give it ``champion`` or ``challenger``."""
+                       alignment_tolerance: float, background: tuple[int, int, int]) -> dict:
+    """Log and register the pipeline in the active run, tag it, and give it ``champion`` or ``challenger``.
+
+    ``background`` is the colour the sprites were composited onto for training (``data.background``):
+    the served model keys it to transparency."""
     client = mlflow.MlflowClient()
     champion = current_champion(name)  # before this version exists
-    info = log_model(pipeline_dir, registered_model_name=name)
+    info = log_model(pipeline_dir, registered_model_name=name, background=background)
     version = str(info.registered_model_version)
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
@@ -296,7 +307,7 @@ def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: di
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", why)
     if champion is not None and promote:
-        client.set_model_version_tag(name, champion.version, "replaced_by", version)
+        client.set_model_version_tag(name, str(champion.version), "replaced_by", version)
     return {"version": int(version), "alias": alias, "reason": why,
             "previous_champion": int(champion.version) if champion else None}
 

@@ -91,8 +91,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               outs=("outputs/finetune",), files=("plots/finetune.csv",), number="3", resumable=True,
               parallel=True),
     StageSpec("evaluate", stages.run_evaluate, params=("seed", "data", "finetune.alignment", "evaluate", "mlflow"),
-              deps=("outputs/preprocess", "outputs/reference", "outputs/alignment", "outputs/diffusion/best.pt",
-                    "outputs/finetune/model"),
+              deps=("outputs/preprocess", "outputs/reference", "outputs/alignment", "outputs/vae/best.pt",
+                    "outputs/diffusion/best.pt", "outputs/finetune/model"),
               outs=("outputs/evaluate",), files=("plots/sample_grid.png",),
               loads=("pokesprite/mlflow_model.py",),  # the registered model's code ("models from code")
               number="eval"),

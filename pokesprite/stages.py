@@ -133,13 +133,15 @@ def write_metrics(path: Path, metrics: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_plot(path: Path, history: dict[str, list[tuple[int, float]]]) -> None:
-    """Per-epoch metrics as one CSV row per epoch (``dvc plots show`` draws them)."""
+def write_plot(path: Path, history: dict[str, list[tuple[int, float]]], columns: tuple[str, ...] = ()) -> None:
+    """Per-epoch metrics as one CSV row per epoch (``dvc plots show`` draws them). With no epochs
+    the file is written only when ``columns`` (the curves drawn from it) are given: a header, so
+    that a stage that trained nothing still writes the plot DVC expects of it."""
     epochs = sorted({step for series in history.values() for step, _ in series})
-    if not epochs:
+    if not epochs and not columns:
         return
-    names = sorted(history)
-    table = {name: dict(series) for name, series in history.items()}
+    names = sorted({*history, *columns})
+    table = {name: dict(history.get(name, ())) for name in names}
     lines = [",".join(["epoch", *names])]
     lines += [",".join([str(e), *(f"{table[n][e]:.6g}" if e in table[n] else "" for n in names)]) for e in epochs]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,9 +172,11 @@ def stage_run(stage: str, params: Params, layout: Layout, tags: dict | None):
     stage table lists for it and for every stage upstream of it (tracking.start_stage_run); with
     tracking off, a plain TensorBoard tracker and no run. Per-epoch metrics go to plots/<stage>.csv
     at the end."""
-    from pokesprite.stage_table import STAGES, upstream  # the table imports this module's functions
+    from pokesprite.stage_table import CURVES, STAGES, upstream  # the table imports this module's functions
 
     keys = tuple(k for name in (*upstream(stage), stage) for k in STAGES[name].params)
+    plot = layout.plots / f"{stage}.csv"
+    columns = tuple(y for curve in CURVES if curve.file == f"plots/{stage}.csv" for y in curve.y)
     if not is_main_process():  # under torchrun, process 0 alone logs and writes
         yield Tracker(), None
         return
@@ -182,7 +186,7 @@ def stage_run(stage: str, params: Params, layout: Layout, tags: dict | None):
             yield tracker, None
         finally:
             tracker.close()
-            write_plot(layout.plots / f"{stage}.csv", tracker.history)
+            write_plot(plot, tracker.history, columns)
         return
     with start_stage_run(stage, params, layout.root, tags, logged=stage_params(params, keys)) as run:
         tracker = MlflowTracker(tensorboard_dir=layout.tensorboard(stage, run.info.run_id))
@@ -190,7 +194,7 @@ def stage_run(stage: str, params: Params, layout: Layout, tags: dict | None):
             yield tracker, run
         finally:
             tracker.close()
-            write_plot(layout.plots / f"{stage}.csv", tracker.history)
+            write_plot(plot, tracker.history, columns)
 
 
 def _finish(stage: str, metrics: dict, layout: Layout, started: float, facts: dict | None = None) -> dict:
@@ -237,6 +241,7 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
     import torch
 
     from pokesprite.data.dataset import SpriteDataset
+    from pokesprite.models.alignment import CLIP_RECORD, clip_checkpoint_record, load_alignment
     from pokesprite.train.alignment import train_alignment
 
     layout, started = Layout(root, out), time.perf_counter()
@@ -245,9 +250,11 @@ def run_alignment(params: Params, *, root: str | Path = ".", out: str | Path | N
         if is_main_process():
             layout.alignment_dir.mkdir(parents=True, exist_ok=True)
         if cfg.clip_checkpoint:
-            # Stage 3 scores with the user's open_clip model; nothing to train. The file says so.
+            # Stage 3 scores with the user's open_clip model: nothing to train. Load it now, so that a
+            # bad file fails here rather than in stage 3, and record which file it is (its hash).
+            load_alignment(cfg)
             if is_main_process():
-                (layout.alignment_dir / "USING_CLIP_CHECKPOINT").write_text(cfg.clip_checkpoint + "\n")
+                write_metrics(layout.alignment_dir / CLIP_RECORD, clip_checkpoint_record(cfg))
             return _finish("alignment", {"trained": 0}, layout, started)
         train = SpriteDataset(layout.processed, "train")
         val = SpriteDataset(layout.processed, "val")
@@ -279,10 +286,20 @@ def similarity_image(model, images, captions, cell: int = 4):
 
 
 def load_stage_alignment(params: Params, layout: Layout, device):
-    """Stage 3's scorer: the user's open_clip checkpoint, else the one the alignment stage trained."""
-    from pokesprite.models.alignment import load_alignment
+    """Stage 3's scorer: the user's open_clip checkpoint (the file the alignment stage recorded),
+    else the one the alignment stage trained."""
+    from pokesprite.models.alignment import CLIP_RECORD, clip_checkpoint_record, load_alignment
 
-    model = load_alignment(params.finetune.alignment, device=device, trained=layout.alignment_model)
+    cfg = params.finetune.alignment
+    if cfg.clip_checkpoint:
+        record = layout.alignment_dir / CLIP_RECORD
+        recorded = json.loads(record.read_text()) if record.is_file() else None
+        if recorded != clip_checkpoint_record(cfg):
+            raise ValueError(f"finetune.alignment.clip_checkpoint {cfg.clip_checkpoint!r} is not the file the "
+                             f"alignment stage recorded in {record} ({'none' if recorded is None else recorded}): "
+                             "run the alignment stage again (dvc repro alignment; dvc repro --force alignment "
+                             "when the file changed under the same path)")
+    model = load_alignment(cfg, device=device, trained=layout.alignment_model)
     if model is None:
         raise FileNotFoundError(f"{layout.alignment_model}: no alignment model; run the alignment stage first "
                                 "(dvc repro alignment) or set finetune.alignment.clip_checkpoint")
@@ -425,7 +442,7 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
         result = evaluate(pipeline, before_text=before_text, alignment=load_stage_alignment(params, layout, dev),
                           processed_dir=layout.processed, reference_dir=layout.reference_dir,
                           cfg=params.evaluate,
-                          perceptual=PerceptualLoss(net="auto", size=params.evaluate.perceptual_size).to(dev))
+                          perceptual=PerceptualLoss(net="vgg19", size=params.evaluate.perceptual_size).to(dev))
         metrics, facts = result.metrics, None
         layout.evaluate_dir.mkdir(parents=True, exist_ok=True)
         # sample_grid.png, memorisation.png and (with guidance_scales) guidance_curve.png, under the same
@@ -445,9 +462,12 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
             from pokesprite.registry import register_evaluated
 
             with store_lock(mlflow.get_tracking_uri()):  # one champion decision at a time (dvc queue -j N)
+                changed = {"changed": run.data.tags["changed"]} if "changed" in run.data.tags else {}
                 decision = register_evaluated(layout.model_dir, params.mlflow.registered_model, metrics,
-                                              lineage_tags(layout.root, tags, running="evaluate"),
-                                              alignment_tolerance=params.evaluate.alignment_tolerance)
+                                              lineage_tags(layout.root, {**(tags or {}), **changed},
+                                                           running="evaluate"),
+                                              alignment_tolerance=params.evaluate.alignment_tolerance,
+                                              background=params.data.background)
             log.info("registered %s version %d as %s: %s", params.mlflow.registered_model, decision["version"],
                      decision["alias"], decision["reason"])
             facts = {"registered_version": decision["version"], "promoted": int(decision["alias"] == "champion")}

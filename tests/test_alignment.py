@@ -1,13 +1,16 @@
 """The stage-3 alignment model: metrics, ClipLoss, head training, persistence, gradients, open_clip."""
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pokesprite.config import AlignmentConfig
+from pokesprite.config import AlignmentConfig, load_params
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.evaluation.retrieval import mean_matched_cosine, r_precision, retrieval_accuracy
 from pokesprite.models.alignment import AlignmentModel, OpenClipAlignment, load_alignment, similarity_matrix
@@ -115,22 +118,29 @@ def test_missing_open_clip_checkpoint_names_the_path(tmp_path):
         load_alignment(AlignmentConfig(clip_checkpoint=str(missing)))
 
 
-def test_open_clip_wrapper_with_a_tiny_random_model(tmp_path):
-    """A tiny randomly initialised open_clip CLIP, saved as a checkpoint file, loads through the wrapper."""
+def tiny_clip(folder: Path, seed: int = 0):
+    """A tiny randomly initialised open_clip CLIP saved as a checkpoint file: (path, model name, model)."""
     import open_clip
 
     name = "pokesprite-tiny-test-clip"
     cfg = {"embed_dim": 16,
            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / f"{name}.json")
-    reference = open_clip.create_model(name).eval()
-    torch.save(reference.state_dict(), tmp_path / "tiny_clip.pt")
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name).eval()
+    torch.save(model.state_dict(), folder / "tiny_clip.pt")
+    return folder / "tiny_clip.pt", name, model
 
-    model = load_alignment(AlignmentConfig(clip_checkpoint=str(tmp_path / "tiny_clip.pt"), clip_model=name))
+
+def test_open_clip_wrapper_with_a_tiny_random_model(tmp_path):
+    """A tiny randomly initialised open_clip CLIP, saved as a checkpoint file, loads through the wrapper."""
+    path, name, reference = tiny_clip(tmp_path)
+    model = load_alignment(AlignmentConfig(clip_checkpoint=str(path), clip_model=name))
     assert isinstance(model, OpenClipAlignment)
-    assert torch.equal(model.logit_scale, reference.logit_scale)
+    loaded = model.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())  # the file's weights
     images = (torch.rand(2, 3, 215, 215) * 2 - 1).requires_grad_(True)
     zi, zt = model.encode_image(images), model.encode_text(["a red fire lizard", "a blue water turtle"])
     assert zi.shape == zt.shape == (2, 16)
@@ -138,3 +148,27 @@ def test_open_clip_wrapper_with_a_tiny_random_model(tmp_path):
     (zi * zt).sum().backward()
     assert images.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_alignment_stage_records_a_user_clip_checkpoint_and_stage_3_checks_it(tmp_path, monkeypatch):
+    """With clip_checkpoint set the alignment stage trains nothing but still writes what DVC expects
+    of it (its plot), records the file's hash in its output, and stage 3 refuses a file that changed."""
+    from pokesprite.stages import Layout, load_stage_alignment, run_alignment
+
+    monkeypatch.setenv("POKESPRITE_TRACKING", "off")
+    path, name, _ = tiny_clip(tmp_path)
+    params = load_params(Path(__file__).parent / "tiny_params.yaml")
+    params = replace(params, finetune=replace(params.finetune, alignment=replace(
+        params.finetune.alignment, clip_checkpoint=str(path), clip_model=name)))
+    assert run_alignment(params, root=tmp_path)["trained"] == 0
+    assert (tmp_path / "plots" / "alignment.csv").read_text() == "epoch,train_loss,val_loss\n"
+    record = json.loads((tmp_path / "outputs" / "alignment" / "clip_checkpoint.json").read_text())
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and record["clip_model"] == name
+    assert isinstance(load_stage_alignment(params, Layout(tmp_path), "cpu"), OpenClipAlignment)
+
+    tiny_clip(tmp_path, seed=1)  # new weights under the same path
+    with pytest.raises(ValueError, match="not the file the alignment stage recorded.*dvc repro --force alignment"):
+        load_stage_alignment(params, Layout(tmp_path), "cpu")
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="tiny_clip.pt': no such file"):
+        run_alignment(params, root=tmp_path)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.checkpoints import atomic_folder, atomic_save, load_checkpoint
 from pokesprite.train.loop import fit, rng_state, set_rng_state
 
 
@@ -135,3 +135,19 @@ def test_saved_files_get_the_users_permissions_and_leave_no_temporary(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+def test_atomic_folder_replaces_the_old_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_folder(target) as staging:
+        (staging / "a.txt").write_text("one")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_folder(target) as staging:
+            (staging / "b.txt").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old folder, untouched
+    with atomic_folder(target) as staging:
+        (staging / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # nothing of the old one is left
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or old folder left beside it

@@ -88,6 +88,22 @@ def test_second_repro_does_nothing(project):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], root, env).stdout
 
 
+def test_prefect_server_records_each_stage_as_a_flow_run_with_its_task_run(project, tmp_path):
+    """The server `make repro` starts keeps what its UI shows: a completed flow run per stage and,
+    inside it, the stage's task run (its state and retries)."""
+    root, env, _ = project
+    script = textwrap.dedent("""
+        import json
+        from prefect.client.orchestration import get_client
+        with get_client(sync_client=True) as client:
+            flows = {str(r.id): r.name for r in client.read_flow_runs()}
+            print(json.dumps([[flows.get(str(t.flow_run_id)), t.name, t.state.type.value]
+                              for t in client.read_task_runs()]))
+    """)
+    task_runs = json.loads(run([sys.executable, "-c", script], tmp_path, env).stdout.splitlines()[-1])
+    assert sorted(task_runs) == sorted([stage, stage, "COMPLETED"] for stage in STAGES)
+
+
 def test_mlflow_has_one_run_per_stage_and_a_champion(project):
     root, _, _ = project
     client = mlflow_client(root)
@@ -183,6 +199,9 @@ def test_dvc_exp_run_with_a_changed_param(project):
     client = mlflow_client(root)
     assert len(client.search_model_versions("name='pokesprite'")) == 2
     v1, v2 = (client.get_model_version("pokesprite", str(v)) for v in (1, 2))
+    # the workspace's params.yaml differs from the commit: the version says how, and is not "dirty"
+    assert v2.tags["changed"] == "evaluate.grid_seeds 2 -> 3" and v2.tags["git_dirty"] == "false"
+    assert v1.tags["changed"] == "none"
     promote, why = beats(version_metrics(v2), version_metrics(v1), alignment_tolerance=0.02)
     aliases = client.get_registered_model("pokesprite").aliases
     champion = int(aliases["champion"])
@@ -206,11 +225,15 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
     name = "promotion-test"
     model_dir = root / "outputs/finetune/model"
     results = []
+    assert current_champion(name) is None  # no such model yet
     with mlflow.start_run(run_name="promotion-test"):
         for kid, align in ((0.10, 0.3), (0.20, 0.9), (0.05, 0.1), (0.05, 0.29)):
             results.append(register_evaluated(model_dir, name, {"kid": kid, "independent_r_precision": align},
-                                              {"git_commit": "test"}, alignment_tolerance=0.02))
+                                              {"git_commit": "test"}, alignment_tolerance=0.02,
+                                              background=(0, 0, 0) if kid == 0.20 else (255, 255, 255)))
     assert [r["alias"] for r in results] == ["champion", "challenger", "challenger", "champion"]
+    signature = mlflow.models.get_model_info(f"models:/{name}/{results[1]['version']}").signature
+    assert {p.name: p.default for p in signature.params.params}["background"] == "#000000"  # data.background
     assert "not below" in results[1]["reason"] and "text alignment" in results[2]["reason"]
     assert int(current_champion(name).version) == results[3]["version"]
     assert client.get_model_version(name, str(results[0]["version"])).tags["replaced_by"] == str(results[3]["version"])

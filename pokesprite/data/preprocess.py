@@ -11,8 +11,6 @@ import csv
 import json
 import logging
 import re
-import shutil
-import uuid
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pokesprite.checkpoints import atomic_folder
 from pokesprite.config import DataConfig
 from pokesprite.data.raw import RawRecord, scan
 from pokesprite.images import image_grid
@@ -130,10 +129,7 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
             raise ValueError(f"{raw_dir}: caption of national number {r.number} is empty after cleaning")
     splits = split_numbers([r.number for r in records], cfg.split, seed)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}"
-    staging.mkdir()  # 0777 less the umask, as the user's other folders (tempfile.mkdtemp: 0700)
-    try:
+    with atomic_folder(out_dir) as staging:
         (staging / "images").mkdir()
         for r in tqdm(records, desc="preprocess", unit="img", disable=None):
             with Image.open(r.image_path) as im:
@@ -145,12 +141,6 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
                 w.writerow([r.number, r.name, splits[r.number], c])
         stats = dataset_stats(records, captions, splits, tokenizer, tokenizer_name)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("preprocessed %d sprites into %s: %s", len(records), out_dir, stats["splits"])
     return stats
 

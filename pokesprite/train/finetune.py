@@ -25,6 +25,7 @@ from pokesprite.config import FinetuneStageConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.losses import masked_clip_loss
 from pokesprite.evaluation.retrieval import r_precision, retrieval_accuracy
+from pokesprite.images import save_image_atomic
 from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
 from pokesprite.tracking import Tracker
 from pokesprite.train import distributed
@@ -194,7 +195,7 @@ def train_finetune(cfg: FinetuneStageConfig, *, data_dir: Path, vae_checkpoint: 
         after = {"epoch": 0, **before}
     pipeline.save(out_dir / "model")
     grid = sample_grid(pipeline, val_set.captions[:GRID_PROMPTS])
-    grid.save(out_dir / "samples.png")
+    save_image_atomic(grid, out_dir / "samples.png")
     tracker.log_image(grid, "samples.png")
     keys = ("val_loss", "val_clip", "val_consistency", "val_retrieval_top1", "val_r_precision_32",
             "val_matched_cosine")

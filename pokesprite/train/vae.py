@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pokesprite.config import DataConfig, TextConfig, VAEStageConfig, to_dict
 from pokesprite.data.augment import augment_batch
 from pokesprite.data.dataset import SpriteDataset, to_unit_range, to_uint8
-from pokesprite.images import image_grid
+from pokesprite.images import image_grid, save_image_atomic
 from pokesprite.losses import PerceptualLoss, kl_free_bits, kl_weight_at
 from pokesprite.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from pokesprite.evaluation.image_metrics import psnr
@@ -206,7 +206,7 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
     best["latent_scale"] = scale
     atomic_save(best, out_dir / "best.pt")
     grid = reconstruction_grid(vae, val_set, device, val_ctx)
-    grid.save(out_dir / "reconstructions.png")
+    save_image_atomic(grid, out_dir / "reconstructions.png")
     tracker.log_image(grid, "reconstructions.png")
     last = {k: v for k, v in result.history[-1].items() if k != "epoch"}
     return {**last, "best_val_loss": result.best, "best_epoch": result.best_epoch, "latent_scale": scale,
