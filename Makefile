@@ -62,7 +62,9 @@ ui: install
 # A shared MLflow server for a team: runs and the model registry in PostgreSQL, artifacts stored and
 # served by the server (clients need no access to its disk). Point the stages at it with
 #   export MLFLOW_TRACKING_URI=http://<this host>:5000
-MLFLOW_DB        ?= postgresql://mlflow:change-me@127.0.0.1:5432/mlflow  # user:password@host:port/database
+# (No comment after a value on its line: make would keep the spaces before it in the value.)
+# MLFLOW_DB: postgresql://user:password@host:port/database
+MLFLOW_DB        ?= postgresql://mlflow:change-me@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server-artifacts
 MLFLOW_HOST      ?= 127.0.0.1
 mlflow-server: install

@@ -149,7 +149,8 @@ def load_studio(model: str, *, device: str | None = None, background=None) -> Sp
                          "pipeline folder.") from None
     schema = loaded.metadata.get_params_schema()
     logged = {p.name: p.default for p in schema.params} if schema else {}
-    return SpriteStudio(loaded.unwrap_python_model().pipeline, label,
+    # .to: versions logged before the model took a model_config load where MLflow's default put them
+    return SpriteStudio(loaded.unwrap_python_model().pipeline.to(device), label,
                         background=background or logged.get("background") or WHITE)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -492,7 +493,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error (not: the last one wins)."""
+    """YAML's safe loader, but a key given twice in one mapping is an error (not: the last one wins),
+    and ``1e-3`` is a number, as in YAML 1.2 and DVC (PyYAML's YAML 1.1 wants ``1.0e-3``)."""
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:

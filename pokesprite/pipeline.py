@@ -75,6 +75,12 @@ class SpritePipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def to(self, device: str | torch.device) -> "SpritePipeline":
+        """Move every network to ``device``; returns the pipeline."""
+        for m in (self.vae, self.unet, self.text):
+            m.to(device)
+        return self
+
     def check_request(self, prompts, *, num_steps: int | None = None, guidance_scale: float | None = None,
                       sampler: str | None = None) -> list[str]:
         """The prompts as a list, after checking a request before any work: ValueError naming the problem.

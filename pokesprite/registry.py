@@ -173,7 +173,9 @@ class SpriteModel(mlflow.pyfunc.PythonModel):
 
         _install_unknown_param_check()
         _install_text_input_check()
-        device = (context.model_config or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = (context.model_config or {}).get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipeline = SpritePipeline.load(Path(context.artifacts["pipeline"]), device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
@@ -228,6 +230,7 @@ def log_model(pipeline_dir: Path, *, registered_model_name: str | None = None, n
         artifacts={"pipeline": str(pipeline_dir)},
         code_paths=[str(Path(pokesprite.__file__).parent)],
         signature=signature,
+        model_config={"device": "auto"},  # logged, so that load_model(model_config={"device": ...}) is honoured
         input_example=(EXAMPLE_PROMPTS, {"seed": 0, "num_steps": 2}),  # checked by a real predict at log time
         pip_requirements=requirements(),
         registered_model_name=registered_model_name,

@@ -2,7 +2,7 @@
 
 ``STAGES`` maps each stage name, in an order that runs every stage after the stages it reads, to
 its ``StageSpec``: the ``pokesprite.stages`` function that runs it, the params.yaml keys it reads
-(DVC's ``params:`` and exactly the params its MLflow run logs), the data it reads (data/ or earlier
+(DVC's ``params:``; its MLflow run logs them and those of every stage upstream of it), the data it reads (data/ or earlier
 stages' outputs) and the outputs it writes. Its code dependencies are not written down but computed
 (``code_deps``): every first-party file that the stage's command, ``python -m flows.run STAGE``, can
 import on the way to that function, so no edit of code a stage runs can leave its outputs looking
@@ -260,9 +260,9 @@ HEADER = """\
 # (tests/test_stage_table.py fails while this file differs from what the table generates).
 #
 # Each command runs a Prefect flow whose task calls the stage's function in pokesprite/stages.py; each
-# stage is one MLflow run that logs exactly the params listed here. Code deps are computed: every
-# first-party file the command can import. `dvc metrics show` reads metrics/, `dvc plots show` draws
-# the plots below.
+# stage is one MLflow run that logs the params listed here for it and every stage before it. Code
+# deps are computed: every first-party file the command can import. `dvc metrics show` reads
+# metrics/, `dvc plots show` draws the plots below.
 """
 
 

@@ -212,6 +212,19 @@ def test_predict_returns_arrays_or_pngs_and_rejects_unknown_params(registry, cap
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_load_model_honours_the_device_it_is_given(registry, caplog):
+    """MLflow drops a model_config that the model was not logged with (a warning only): the device
+    must reach the model, so a device this machine lacks is an error, not a quiet CPU."""
+    import mlflow
+
+    with caplog.at_level("WARNING"):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", model_config={"device": "cpu"})
+    assert not [m for m in caplog.messages if "ignored" in m]
+    assert model.unwrap_python_model().pipeline.device == torch.device("cpu")
+    with pytest.raises(Exception, match="(?i)cuda|device|nvidia"):  # the message depends on the machine
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion", model_config={"device": "cuda:97"})
+
+
 def test_the_model_class_loads_without_mlflows_type_hint_advice():
     """MLflow advises type hints on every import of a PythonModel without them; predict has them."""
     out = subprocess.run([sys.executable, "-c", "import pokesprite.registry"], capture_output=True, text=True,

@@ -31,6 +31,18 @@ def test_round_trip_through_dict(tmp_path):
     assert load_params(write(tmp_path, to_dict(p))) == p
 
 
+def test_exponents_without_a_dot_are_numbers_as_in_dvc(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as text; DVC (YAML 1.2) as a number: params.yaml means the same to both."""
+    from pokesprite.config import _StrictLoader
+
+    text = (ROOT / "params.yaml").read_text()
+    assert text.index("    lr: 5.0e-4   ") < text.index("\ndiffusion:")  # vae.train.lr
+    (tmp_path / "params.yaml").write_text(text.replace("    lr: 5.0e-4   ", "    lr: 2e-4     ", 1))
+    assert load_params(tmp_path / "params.yaml").vae.train.lr == 2e-4
+    assert yaml.load("a: 1E+2\nb: -3e0\nc: 1e3x\nd: 7\ne: 1.5", Loader=_StrictLoader) == \
+        {"a": 100.0, "b": -3.0, "c": "1e3x", "d": 7, "e": 1.5}
+
+
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     d = base()
     d["vae"]["model"]["chanels"] = d["vae"]["model"].pop("channels")

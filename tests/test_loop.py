@@ -210,6 +210,35 @@ def test_save_every_holds_best_in_memory_and_writes_it_at_the_next_save(tmp_path
     assert all(torch.equal(epoch4[k], best["weights"][k]) for k in epoch4)  # the held copy, not later weights
 
 
+def test_a_resumed_run_has_the_best_epochs_weights(tmp_path, caplog):
+    """Resumed from a periodic checkpoint that was not a save epoch, or into another folder, a run
+    still ends with best.pt of the best epoch; with no such file anywhere it says so."""
+    def stage():
+        st = toy_stage()
+        scores = {1: 0.5, 2: 0.4, 3: 0.9, 4: 0.95}  # the best epoch, 2, is not a save epoch
+        st.validate = lambda epoch: {"val_loss": scores[epoch]}
+        return st
+
+    every = cfg(epochs=4, save_every=3, checkpoint_every=2)
+    fit(stage(), every, out_dir=tmp_path / "straight")
+    straight = load_checkpoint(tmp_path / "straight" / "best.pt", "toy")
+    assert straight["epoch"] == 2
+    (tmp_path / "killed").mkdir()  # killed in epoch 3: what was on disk then
+    for name in ("epoch_0002.pt", "best.pt"):
+        (tmp_path / "killed" / name).write_bytes((tmp_path / "straight" / name).read_bytes())
+    fit(stage(), every, out_dir=tmp_path / "killed", resume=tmp_path / "killed" / "epoch_0002.pt")
+    fit(stage(), cfg(epochs=4), out_dir=tmp_path / "elsewhere", resume=tmp_path / "killed" / "epoch_0002.pt")
+    for folder in ("killed", "elsewhere"):
+        best = load_checkpoint(tmp_path / folder / "best.pt", "toy")
+        assert best["epoch"] == 2 and all(torch.equal(best["weights"][k], straight["weights"][k])
+                                          for k in straight["weights"]), folder
+    (tmp_path / "killed" / "best.pt").unlink()
+    with caplog.at_level("WARNING"):
+        fit(stage(), cfg(epochs=4), out_dir=tmp_path / "lost", resume=tmp_path / "killed" / "epoch_0002.pt")
+    assert "no best.pt of epoch 2" in caplog.text
+    assert load_checkpoint(tmp_path / "lost" / "best.pt", "toy")["epoch"] == 3  # the best from there on
+
+
 def test_bf16_precision_runs_the_forward_pass_in_bfloat16_and_still_learns(tmp_path):
     stage = toy_stage()
     seen = []

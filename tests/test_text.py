@@ -32,6 +32,31 @@ def test_freeze_leaves_only_top_layers_and_projection_trainable():
     assert {n for n, p in enc.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}
 
 
+def test_frozen_layers_train_without_dropout():
+    """In stage 3 the frozen embeddings and lower layers compute what the frozen U-Net was trained on:
+    train() leaves them in eval mode, and only the trainable top layers drop out."""
+    enc = TextEncoder.from_pretrained("bundled", dim=16, max_tokens=16)
+    tok = enc.tokenize(["a small green creature with a bulb on its back"])
+    layers = enc.transformer.encoder.layer
+    enc.freeze_transformer(2)
+    enc.train()
+    assert enc.training and enc.proj.training and not enc.transformer.embeddings.training
+    assert [layer.training for layer in layers] == [False] * 4 + [True] * 2
+    below = {}
+    layers[3].register_forward_hook(lambda m, i, out: below.setdefault(len(below), out[0] if isinstance(out, tuple) else out))
+    torch.manual_seed(0)
+    top_a = enc.hidden_states(**tok)
+    torch.manual_seed(1)
+    top_b = enc.hidden_states(**tok)
+    assert torch.equal(below[0], below[1])  # the frozen part: deterministic
+    assert not torch.equal(top_a, top_b)  # the trainable layers: dropout
+    enc.freeze_transformer(0)
+    enc.train()
+    assert not any(m.training for m in enc.transformer.modules()) and enc.proj.training
+    enc.eval()
+    assert not any(m.training for m in enc.modules())
+
+
 def test_tokenizing_from_many_threads_gives_each_caller_its_own_settings():
     """A served model tokenizes concurrent requests in threads: padded batches (the drawing) and
     untruncated counts (the truncation note) must not get each other's settings."""

@@ -169,15 +169,15 @@ def test_freeze_without_layer_list_is_a_clear_error():
 
 
 def test_missing_models_name_text_model_and_say_what_to_do(offline_cache, tmp_path):
-    with pytest.raises(RuntimeError, match=r"text.model 'prajjwal1/bert-tiny'.*Hugging Face cache.*hf download"):
+    with pytest.raises(FileNotFoundError, match=r"text.model 'prajjwal1/bert-tiny'.*Hugging Face cache.*hf download"):
         TextEncoder.from_pretrained("prajjwal1/bert-tiny", dim=8, max_tokens=8)
-    with pytest.raises(RuntimeError, match=r"text.model 'prajjwal1/bert-tiny'.*hf download"):
+    with pytest.raises(FileNotFoundError, match=r"text.model 'prajjwal1/bert-tiny'.*hf download"):
         load_tokenizer("prajjwal1/bert-tiny")
     missing = tmp_path / "no" / "such" / "model"
-    with pytest.raises(RuntimeError, match=rf"text.model '{missing}'.*no such directory"):
+    with pytest.raises(FileNotFoundError, match=rf"text.model '{missing}'.*no such directory"):
         TextEncoder.from_pretrained(str(missing), dim=8, max_tokens=8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RuntimeError, match=r"exists but is not a complete Hugging Face model folder"):
+    with pytest.raises(FileNotFoundError, match=r"exists but is not a complete Hugging Face model folder"):
         TextEncoder.from_pretrained(str(tmp_path / "empty"), dim=8, max_tokens=8)
 
 

@@ -53,6 +53,21 @@ def test_vae_overfits_and_writes_a_self_describing_checkpoint(vae_run, tiny_para
     assert (out / "reconstructions.png").is_file() and (out / "last.pt").is_file()
 
 
+def test_latent_scale_gives_unit_variance_to_the_latents_stage_2_samples(vae_run, processed):
+    """The scale is 1 / the std of z ~ q(z | x), which the diffusion stage trains on (posterior
+    samples, not means): sampled and scaled, the training split's latents have std 1."""
+    from pokesprite.data.dataset import SpriteDataset, to_unit_range
+    from pokesprite.models.vae import sample_posterior
+
+    vae = VAE.from_checkpoint(vae_run[0] / "best.pt")
+    with torch.no_grad():
+        mean, logvar = vae.encode(to_unit_range(SpriteDataset(processed, "train").images))
+        g = torch.Generator().manual_seed(0)
+        z = torch.cat([sample_posterior(mean, logvar, g) for _ in range(20)]) * vae.latent_scale
+    assert float(z.std()) == pytest.approx(1.0, abs=0.01)
+    assert float(mean.std()) * vae.latent_scale < 0.99  # the means alone spread less
+
+
 def test_wrong_checkpoint_kind_is_refused(vae_run):
     with pytest.raises(ValueError, match="expected a diffusion checkpoint, found 'vae'"):
         load_checkpoint(vae_run[0] / "best.pt", "diffusion")

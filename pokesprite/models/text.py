@@ -43,7 +43,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _not_found(name: str, path: str, err: Exception) -> RuntimeError:
+def _not_found(name: str, path: str, err: Exception) -> FileNotFoundError:
     detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if os.path.isdir(path):
         hint = (f"the directory {path} exists but is not a complete Hugging Face model folder: it needs "
@@ -58,8 +58,8 @@ def _not_found(name: str, path: str, err: Exception) -> RuntimeError:
                 f"where there is network with `hf download {name}` (same HF_HOME / HF_HUB_CACHE), or copy "
                 "the model to a local folder and set text.model to that path, or use text.model: bundled")
     if not os.path.isdir(path) and (_looks_like_path(name) or "connect" in detail):
-        return RuntimeError(f"text.model {name!r}: {hint}.")  # transformers' own wording would mislead here
-    return RuntimeError(f"text.model {name!r}: {hint}. ({detail})")
+        return FileNotFoundError(f"text.model {name!r}: {hint}.")  # transformers' own wording would mislead here
+    return FileNotFoundError(f"text.model {name!r}: {hint}. ({detail})")
 
 
 def load_config(name: str) -> PretrainedConfig:
@@ -79,7 +79,7 @@ def load_config(name: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     if _BERT_KEYS <= config_dict.keys():
         return BertConfig.from_pretrained(path, local_files_only=True)
-    raise RuntimeError(f"text.model {name!r}: its config.json has no model_type and does not look like a BERT "
+    raise ValueError(f"text.model {name!r}: its config.json has no model_type and does not look like a BERT "
                        f"config (missing {sorted(_BERT_KEYS - config_dict.keys())}); add the right "
                        '"model_type" (e.g. "bert") to config.json')
 
@@ -92,7 +92,7 @@ def load_tokenizer(name: str, config: PretrainedConfig | None = None):
     except (OSError, ValueError) as e:
         raise _not_found(name, path, e) from None
     if tokenizer.pad_token is None:
-        raise RuntimeError(f"text.model {name!r}: its tokenizer has no padding token; use a BERT-family "
+        raise ValueError(f"text.model {name!r}: its tokenizer has no padding token; use a BERT-family "
                            "(encoder) model such as 'bundled'")
     return tokenizer
 
@@ -133,6 +133,7 @@ class TextEncoder(nn.Module):
         self.max_tokens = max_tokens
         self.hidden = transformer.config.hidden_size
         self.proj = nn.Linear(self.hidden, dim)
+        self.trainable_top_layers: int | None = None  # set by freeze_transformer
 
     @classmethod
     def from_pretrained(cls, name: str, *, dim: int, max_tokens: int) -> "TextEncoder":
@@ -176,6 +177,21 @@ class TextEncoder(nn.Module):
                                  f"the text model has only {len(layers)}")
             for layer in layers[len(layers) - trainable_top_layers:]:
                 layer.requires_grad_(True)
+        self.trainable_top_layers = trainable_top_layers
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """After ``freeze_transformer``, the frozen part of the transformer stays in eval mode (no
+        dropout) in training too: it computes the features that the frozen U-Net was trained on.
+        Only the layers left trainable train, with their dropout."""
+        super().train(mode)
+        if mode and self.trainable_top_layers is not None:
+            self.transformer.eval()
+            if self.trainable_top_layers:
+                layers = transformer_layers(self.transformer)
+                for layer in layers[len(layers) - self.trainable_top_layers:]:
+                    layer.train()
+        return self
 
     @torch.no_grad()
     def encode_hidden(self, captions: list[str], *, batch_size: int = 64, device="cpu"):

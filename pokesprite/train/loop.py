@@ -214,6 +214,8 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         start = state["epoch"] + 1
         epochs = state.get("epochs", cfg.epochs)
         log.info("%s: resuming from %s after epoch %d of %d", stage.name, resume, state["epoch"], epochs)
+        if main:
+            best, best_epoch = keep_best(out_dir, Path(resume).parent, stage.name, best, best_epoch)
 
     def weights_file(epoch: int, exported: dict) -> dict:
         """best.pt: the inference weights and configs."""
@@ -304,16 +306,36 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         periodic = bool(cfg.checkpoint_every) and epoch % cfg.checkpoint_every == 0
         if flush or periodic:
             ckpt = training_file(epoch, exported)
-        if flush:
-            if pending_best is not None:
+            if pending_best is not None:  # before any file that names it as the best epoch
                 atomic_save(pending_best, out_dir / "best.pt")
                 pending_best = None
+        if flush:
             atomic_save(ckpt, out_dir / "last.pt")
         if periodic:
             atomic_save(ckpt, out_dir / f"epoch_{epoch:04d}.pt")
     bar.close()
 
     return FitResult(history, best, best_epoch, guard.skipped, guard.explosions)
+
+
+def keep_best(out_dir: Path, resumed_from: Path, kind: str, best: float, best_epoch: int) -> tuple[float, int]:
+    """A resumed run needs the weights of the epoch its state calls best: ``out_dir/best.pt`` when it
+    holds that epoch, else the one beside the file it resumed from (copied into ``out_dir``). Without
+    either (a best.pt overwritten by later epochs than the resumed file's), the best so far is
+    forgotten with a warning, and the next validation writes best.pt."""
+    if best_epoch == 0:
+        return best, best_epoch
+    target = out_dir / "best.pt"
+    for candidate in dict.fromkeys((target, resumed_from / "best.pt")):
+        if candidate.is_file():
+            weights = load_checkpoint(candidate, kind)
+            if weights.get("epoch") == best_epoch:
+                if candidate != target:
+                    atomic_save(weights, target)
+                return best, best_epoch
+    log.warning("%s: no best.pt of epoch %d (the best so far) in %s or %s; best.pt will be the best epoch "
+                "from here on", kind, best_epoch, out_dir, resumed_from)
+    return math.inf, 0
 
 
 def refit_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int, steps_done: int):

@@ -58,9 +58,15 @@ def in_batches(images: torch.Tensor, batch_size: int):
 
 @torch.no_grad()
 def latent_std(vae: VAE, images: torch.Tensor, batch_size: int) -> float:
-    """Standard deviation of the posterior means over ``images``: 1/std makes latents ~unit variance."""
-    means = [vae.encode(x)[0].float() for _, x in in_batches(images, batch_size)]
-    return float(torch.cat(means).std())
+    """Standard deviation of the latents the diffusion stage trains on, z ~ q(z | x) over ``images``:
+    by the law of total variance sqrt(Var[mean] + E[exp(logvar)]), exactly, without drawing any z.
+    1/std gives the diffusion stage unit-variance latents (the means' spread alone understates it)."""
+    means, variances = [], []
+    for _, x in in_batches(images, batch_size):
+        mean, logvar = vae.encode(x)
+        means.append(mean.float())
+        variances.append(logvar.float().exp())
+    return float((torch.cat(means).var() + torch.cat(variances).mean()).sqrt())
 
 
 @torch.no_grad()
