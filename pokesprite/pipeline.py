@@ -26,7 +26,8 @@ from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule, check_pred
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
-from pokesprite.checkpoints import atomic_folder, atomic_save, load_checkpoint, require_weights
+from pokesprite.checkpoints import atomic_save, load_checkpoint, require_weights
+from pokesprite.files import atomic_folder
 
 PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pokesprite.checkpoints import atomic_folder, atomic_save, load_checkpoint
+from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.files import atomic_folder
 from pokesprite.train.loop import fit, rng_state, set_rng_state
 
 

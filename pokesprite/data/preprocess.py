@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pokesprite.checkpoints import atomic_folder
 from pokesprite.config import DataConfig
 from pokesprite.data.raw import RawRecord, scan
+from pokesprite.files import atomic_folder
 from pokesprite.images import image_grid
 
 log = logging.getLogger(__name__)

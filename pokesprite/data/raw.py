@@ -16,12 +16,13 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from pokesprite.files import atomic_folder
 
 IMAGES_DIR = "small_images"
 CAPTIONS_FILE = "text_description_concat.csv"
@@ -176,24 +177,10 @@ def import_dataset(source: str | Path, dest: str | Path = "data") -> list[RawRec
                 z.extractall(tmp)
             root = _dataset_root(Path(tmp))
         records = scan(root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}"
-        staging.mkdir()  # 0777 less the umask, as the user's other folders (tempfile.mkdtemp: 0700)
-        try:
+        with atomic_folder(dest) as staging:
             (staging / IMAGES_DIR).mkdir()
             for r in records:
                 shutil.copyfile(r.image_path, staging / IMAGES_DIR / r.image_path.name)
             shutil.copyfile(root / CAPTIONS_FILE, staging / CAPTIONS_FILE)
             shutil.copyfile(root / TABLE_FILE, staging / TABLE_FILE)
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                dest.rename(old)
-                staging.rename(dest)
-                shutil.rmtree(old)
-            else:
-                staging.rename(dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return [RawRecord(r.number, r.name, r.caption, dest / IMAGES_DIR / r.image_path.name) for r in records]
