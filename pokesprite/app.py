@@ -139,7 +139,7 @@ def load_studio(model: str, *, device: str | None = None, background=None) -> Sp
 
     from pokesprite.tracking import configure_mlflow
 
-    uri = configure_mlflow()
+    uri = configure_mlflow(create=False)
     try:
         loaded = mlflow.pyfunc.load_model(model, model_config={"device": device})
         label = describe_model(model)

@@ -207,7 +207,7 @@ def cmd_generate(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    configure_mlflow()
+    configure_mlflow(create=False)
     try:
         model = mlflow.pyfunc.load_model(args.model)
     except Exception as e:  # MLflow raises several types for a missing model or alias
@@ -249,7 +249,7 @@ def cmd_models_list(args) -> int:
     from pokesprite.registry import list_versions
     from pokesprite.tracking import configure_mlflow
 
-    configure_mlflow()
+    configure_mlflow(create=False)
     try:
         rows = list_versions(args.name)
     except mlflow.exceptions.MlflowException as e:

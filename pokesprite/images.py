@@ -120,6 +120,8 @@ def save_image_atomic(image: Image.Image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

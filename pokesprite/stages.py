@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pokesprite.config import Params, flatten, to_dict
+from pokesprite.files import write_text_atomic
 from pokesprite.tracking import (MlflowTracker, Tracker, start_stage_run, store_lock, tensorboard_run_dir,
                                  tracking_enabled)
 
@@ -127,10 +128,7 @@ def is_main_process() -> bool:
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def write_plot(path: Path, history: dict[str, list[tuple[int, float]]], columns: tuple[str, ...] = ()) -> None:
@@ -144,10 +142,7 @@ def write_plot(path: Path, history: dict[str, list[tuple[int, float]]], columns:
     table = {name: dict(history.get(name, ())) for name in names}
     lines = [",".join(["epoch", *names])]
     lines += [",".join([str(e), *(f"{table[n][e]:.6g}" if e in table[n] else "" for n in names)]) for e in epochs]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def stage_params(params: Params, keys: tuple[str, ...]) -> dict:

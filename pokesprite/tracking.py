@@ -114,15 +114,20 @@ def store_lock(uri: str | None = None, *, timeout: float = 3600.0):
         lock.release()
 
 
-def configure_mlflow(root: Path | str | None = None) -> str:
+def configure_mlflow(root: Path | str | None = None, *, create: bool = True) -> str:
     """Point MLflow at ``$MLFLOW_TRACKING_URI`` or the project's ``mlruns/mlflow.db``; return the URI.
 
-    A sqlite store is created (tables, migrations) under ``store_lock``, before anything else opens it.
+    A sqlite store is created (tables, migrations) under ``store_lock``, before anything else opens it;
+    with ``create=False`` (commands that only read: generate, serve, models list) a missing one is a
+    FileNotFoundError that says where to run from, instead of a new empty store.
     """
     import mlflow
 
     global _configured_uri
     uri = tracking_uri(root)
+    if not create and (db := sqlite_path(uri)) is not None and not db.is_file():
+        raise FileNotFoundError(f"no MLflow store at {db}: run this in the project folder (make repro makes "
+                                "mlruns/ there), or set MLFLOW_TRACKING_URI to your tracking server")
     if os.environ.get("MLFLOW_TRACKING_URI") != uri:
         _configured_uri = uri
     mlflow.set_tracking_uri(uri)

@@ -284,6 +284,18 @@ def test_mlflow_models_serve_answers_pngs_and_400_for_bad_params(registry, pipel
         server.stop()
 
 
+def test_reading_commands_outside_a_project_say_where_to_run_and_create_nothing(tmp_path, monkeypatch, capsys):
+    from pokesprite.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["models", "list"], ["generate", PROMPT, "-o", "out"], ["serve"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"no MLflow store at {tmp_path / 'mlruns' / 'mlflow.db'}: run this in the project folder" in err, argv
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_generate_writes_rgba_pngs_with_normal_permissions_or_rgb(registry, tmp_path):
     from pokesprite.cli import main
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pokesprite.checkpoints import atomic_save, load_checkpoint
-from pokesprite.files import atomic_folder
+from pokesprite.files import atomic_folder, write_text_atomic
 from pokesprite.train.loop import fit, rng_state, set_rng_state
 
 
@@ -132,10 +132,16 @@ def test_saved_files_get_the_users_permissions_and_leave_no_temporary(tmp_path):
     old = os.umask(0o022)
     try:
         atomic_save({"kind": "vae"}, tmp_path / "a.pt")
+        write_text_atomic(tmp_path / "m.json", "{}\n")
+        write_text_atomic(tmp_path / "m.json", "{\"\u00e9\": 1}\n")  # replaced, UTF-8 whatever the locale
+        with pytest.raises(TypeError):
+            write_text_atomic(tmp_path / "m.json", None)  # a failed write keeps the old file, leaves no temporary
     finally:
         os.umask(old)
-    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+    for name in ("a.pt", "m.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m.json").read_bytes() == "{\"\u00e9\": 1}\n".encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "m.json"]
 
 
 def test_atomic_folder_replaces_the_old_folder_whole_or_not_at_all(tmp_path):

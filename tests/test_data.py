@@ -77,6 +77,16 @@ def test_empty_caption_names_the_line(raw_subset, tmp_path):
         raw.scan(bad)
 
 
+def test_a_caption_file_that_is_not_utf8_names_the_line(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    path = bad / "text_description_concat.csv"
+    lines = path.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b"e", "\u00e9".encode("latin-1"), 1)  # saved as Latin-1
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(raw.DatasetError, match=r"text_description_concat\.csv, line 4: not UTF-8 \(byte 0xe9"):
+        raw.scan(bad)
+
+
 def test_shifted_captions_are_caught_at_the_first_wrong_line(raw_subset, tmp_path):
     """One caption deleted and one added at the end: the count still matches, the names do not."""
     bad = broken_copy(raw_subset, tmp_path)

@@ -48,10 +48,13 @@ def default_source() -> Path:
 
 
 def read_captions(path: Path) -> list[str]:
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 ({e})") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}: {e.reason}); save the "
+                           "file as UTF-8") from None
     # Lines end at "\n" (or "\r\n") only: str.splitlines would also split inside a caption at U+2028,
     # U+0085 and other separators, shifting every later caption.
     lines = [line.removesuffix("\r") for line in text.split("\n")]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from pokesprite.files import write_text_atomic
 
 COLUMNS = ("scale", "kid", "kid_std", "r_precision")
 CSV_FILE = "guidance_curve.csv"
@@ -42,11 +43,7 @@ def curve_csv(points: list[dict]) -> str:
 
 
 def write_curve_csv(points: list[dict], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(curve_csv(points))
-    os.replace(tmp, path)
+    write_text_atomic(path, curve_csv(points))
 
 
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xs: list[float], ys: list[float],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 BUNDLED = "bundled"
 
@@ -140,6 +142,8 @@ class TextEncoder(nn.Module):
         """``name``: "bundled", a local directory, or a Hugging Face id already in the local cache."""
         path = resolve_model_path(name)
         config = load_config(name)
+        if not sys.stderr.isatty():  # progress bars only on a terminal, like pokesprite's own (not in logs)
+            hf_logging.disable_progress_bar()
         try:
             transformer = AutoModel.from_pretrained(path, config=config, local_files_only=True)
         except (OSError, ValueError) as e:
