@@ -8,14 +8,14 @@ more (a crafted payload, or an object pickled by other code) is refused with a m
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import sys
-import uuid
 from pathlib import Path
 
 import torch
+
+from pokesprite.files import atomic_file
 
 
 def canonical(obj):
@@ -46,19 +46,8 @@ def atomic_save(obj, path: Path) -> None:
     same folder, flushed to disk, then renamed over ``path``: a crash leaves the old file or the new
     one, never half of one. The file gets the user's usual permissions (0666 less the umask); the
     temporary file is removed if the write fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(canonical(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(canonical(obj), f)
 
 
 def read(path: Path):

@@ -1,6 +1,7 @@
 """Files and folders replaced whole: a crash leaves the old one or the new one, never a mix or half.
 
-(Also: ``checkpoints.atomic_save`` for torch files, ``images.save_image_atomic`` for images.)
+(``checkpoints.atomic_save`` writes torch files and ``images.save_image_atomic`` images through
+``atomic_file``.)
 """
 from __future__ import annotations
 
@@ -11,22 +12,29 @@ import uuid
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to a new temporary file beside ``path``, flush it to disk, then rename
-    it over ``path``. The file gets the user's usual permissions (0666 less the umask)."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
+    """Yield a new temporary file beside ``path``, open in ``mode`` (text: UTF-8). When the block ends
+    without an error the file is flushed to disk and renamed over ``path``; when it fails the file is
+    removed. It gets the user's usual permissions (0666 less the umask; tempfile's would be 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 @contextlib.contextmanager

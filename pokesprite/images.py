@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pokesprite.files import atomic_file
 
 WHITE = (255, 255, 255)
 KEY_TOLERANCE = 16  # largest channel difference from the background still read as background
@@ -100,29 +100,10 @@ def png_base64(image: np.ndarray | Image.Image) -> str:
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> None:
-    """Write ``image`` to ``path`` through a temporary file in the same folder, then rename.
-
-    The temporary file is created with mode 0666 minus the umask (``tempfile.mkstemp`` would make it
-    0600, and the rename would keep that), so the result has the permissions of any new file.
-    """
+    """Write ``image`` to ``path`` (its format from the extension) through ``files.atomic_file``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image file extension {path.suffix!r}")
-    while True:
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format=fmt)
