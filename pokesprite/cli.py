@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="draw sprites from a text prompt with a registered model")
     gen.add_argument("prompt", help='what to draw, e.g. "a small green creature with a bulb on its back"')
     gen.add_argument("-n", type=int, default=4, help="number of sprites (default: 4)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0); the same seed gives the same sprites")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="random seed (default: 0); the same seed gives the same sprites")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the model's own)")
     gen.add_argument("--sampler", help="a sampler of pokesprite.diffusion.samplers, e.g. ddim (default: the "

@@ -42,8 +42,9 @@ def test_frozen_layers_train_without_dropout():
     enc.train()
     assert enc.training and enc.proj.training and not enc.transformer.embeddings.training
     assert [layer.training for layer in layers] == [False] * 4 + [True] * 2
-    below = {}
-    layers[3].register_forward_hook(lambda m, i, out: below.setdefault(len(below), out[0] if isinstance(out, tuple) else out))
+    below = {}  # the output of the top frozen layer, per forward pass
+    layers[3].register_forward_hook(
+        lambda m, i, out: below.setdefault(len(below), out[0] if isinstance(out, tuple) else out))
     torch.manual_seed(0)
     top_a = enc.hidden_states(**tok)
     torch.manual_seed(1)
