@@ -493,7 +493,8 @@ def run_sweep(builders, p, sizes: dict, device, args, autocast, matmul: float) -
             finally:
                 torch.backends.cudnn.benchmark = benchmark
             sweep.append({"stage": name, "channels_last": channels_last, "cudnn_benchmark": cudnn_benchmark, **r})
-            what = f"sweep {name:<5} batch {batch:>4} channels_last={channels_last!s:<5} cudnn.benchmark={cudnn_benchmark!s:<5}"
+            what = (f"sweep {name:<5} batch {batch:>4} channels_last={channels_last!s:<5} "
+                    f"cudnn.benchmark={cudnn_benchmark!s:<5}")
             if "error" in r:
                 print(f"{what}: {r['error']}")
             else:

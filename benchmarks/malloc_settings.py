@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         for model in ("vae", "unet"):
             med = {k: statistics.median(r[model][k] for r in runs[mode]) for k in ("step_s", "sys_s", "faults")}
             peak = statistics.median(r["peak_mib"] for r in runs[mode])
-            print(f"| {mode} | {model} | {med['step_s']:.3f} | {med['sys_s']:.3f} | {med['faults']:,.0f} | {peak:,.0f} |")
+            print(f"| {mode} | {model} | {med['step_s']:.3f} | {med['sys_s']:.3f} | {med['faults']:,.0f} "
+                  f"| {peak:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0

@@ -327,7 +327,8 @@ def main() -> None:
     ap.add_argument("--diffusers-geglu", action="store_true",
                     help="keep diffusers' GEGLU feed-forward instead of the GELU one ours has")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also profile each side and split its step into convolutions, matmuls, attention, rest (CPU only)")
+                    help="also profile each side and split its step into convolutions, matmuls, attention, "
+                         "rest (CPU only)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default malloc settings (by default both sides run under "
                          "pokesprite.malloc_settings.for_commands(), as pokesprite's commands do)")
@@ -370,8 +371,9 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, {args.warmup} warm-up + {args.repeats} timed steps each")
     print(f"load average (1, 5, 15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}")
-    header = f"{'model':<11} {'batch':>5} {'ours s/step':>12} {'diffusers s/step':>17} {'ratio':>6} " \
-             f"{'params ours / diffusers':>24} {'GFLOPs ours / diffusers':>24} {'CPU-time ratio':>15} {'fastest ratio':>14}"
+    header = (f"{'model':<11} {'batch':>5} {'ours s/step':>12} {'diffusers s/step':>17} {'ratio':>6} "
+              f"{'params ours / diffusers':>24} {'GFLOPs ours / diffusers':>24} {'CPU-time ratio':>15} "
+              f"{'fastest ratio':>14}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():

@@ -128,7 +128,8 @@ def main() -> None:
     own = torch.tensor(queries)
     enc = TextEncoder.from_pretrained(text_cfg.model, dim=text_cfg.dim, max_tokens=FULL).eval()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; text model {text_cfg.model!r}; "
-          f"{len(captions)} captions, {len(queries)} retrieval queries ({args.split if len(queries) < len(captions) else 'all'})",
+          f"{len(captions)} captions, {len(queries)} retrieval queries "
+          f"({args.split if len(queries) < len(captions) else 'all'})",
           flush=True)
 
     # coverage

@@ -9,8 +9,9 @@ evaluation's drawing governs (preprocess, reference, alignment, model loading, e
 beyond its ``train.max_minutes``, the evaluation's scoring). Measured on an H200 with
 profiles/gpu.yaml: preprocess 5 s, reference 35 s, alignment 8 s, and beyond their budgets the VAE
 8 s, the diffusion stage 33 s (encoding latents, the sample grid, with a variant run beside it);
-the evaluation's own share is not measured yet, hence the default of 180 s. With THROUGHPUT (benchmarks/gpu_throughput.py's JSON, which measures drawing as
-the evaluation does: its ``sample`` stage), the evaluation's drawing time is estimated too:
+the evaluation's own share is not measured yet, hence the default of 180 s. With THROUGHPUT
+(benchmarks/gpu_throughput.py's JSON, which measures drawing as the evaluation does: its ``sample``
+stage), the evaluation's drawing time is estimated too:
 
     sprites = held-out x (1 + 1 before stage 3 + the guidance scales other than the model's) + fid_samples
 

@@ -91,6 +91,7 @@ def require_weights(ckpt: dict, path: Path, *keys: str) -> dict:
     checkpoint, last.pt or epoch_NNNN.pt, keeps its weights in its training state only)."""
     missing = [k for k in keys if k not in ckpt]
     if missing:
-        hint = ": it is a training checkpoint (last.pt, epoch_NNNN.pt); pass the stage's best.pt" if "train" in ckpt else ""
+        hint = (": it is a training checkpoint (last.pt, epoch_NNNN.pt); pass the stage's best.pt"
+                if "train" in ckpt else "")
         raise ValueError(f"{path}: holds no {', '.join(missing)}{hint}")
     return ckpt

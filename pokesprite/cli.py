@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0,
                      help="random seed (default: 0); the same seed gives the same sprites")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the model's own)")
+    gen.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale, 1 = none (default: the model's own)")
     gen.add_argument("--sampler", help="a sampler of pokesprite.diffusion.samplers, e.g. ddim (default: the "
                      "model's own)")
     gen.add_argument("-o", "--out", default="out", help="output folder (default: out/)")

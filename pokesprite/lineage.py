@@ -76,8 +76,8 @@ def dvc_experiment() -> dict[str, str]:
 def lineage_tags(root: Path, extra: dict | None = None, *, running: str | None = None) -> dict[str, str]:
     """Registry tags: git_commit, git_dirty, data_dvc_md5, dvc_lock.<stage>, the DVC experiment
     (dvc_exp_name, dvc_exp_baseline_rev) when there is one, plus ``extra`` (e.g. the Prefect flow run,
-    the params that changed). ``git_dirty`` true means the code differed from ``git_commit``. The ``running`` stage is left
-    out: its ``dvc.lock`` entry is still the previous run's."""
+    the params that changed). ``git_dirty`` true means the code differed from ``git_commit``. The
+    ``running`` stage is left out: its ``dvc.lock`` entry is still the previous run's."""
     dirty = git_dirty(root)
     tags = {"git_commit": git_commit(root), "git_dirty": None if dirty is None else str(dirty).lower(),
             "data_dvc_md5": data_hash(root),

@@ -110,7 +110,8 @@ class SpritePipeline:
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+                raise ValueError("guidance_scale must be a finite number >= 0 (1 = no guidance), "
+                                 f"got {guidance_scale!r}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         return prompts
@@ -133,9 +134,10 @@ class SpritePipeline:
 
         ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``; the request is
         checked first (``check_request``). At most ``batch`` (default ``self.sample.batch``) sprites are
-        drawn at a time; batch k of a larger request is seeded with ``seed + k``. ``precision="bf16"`` runs the U-Net and the decoder under bf16
-        autocast; the sampler's update stays fp32. ``deadline`` (a ``time.monotonic()`` value) stops the
-        drawing with ``DrawingTimeout`` at the first step that starts after it.
+        drawn at a time; batch k of a larger request is seeded with ``seed + k``. ``precision="bf16"``
+        runs the U-Net and the decoder under bf16 autocast; the sampler's update stays fp32.
+        ``deadline`` (a ``time.monotonic()`` value) stops the drawing with ``DrawingTimeout`` at the
+        first step that starts after it.
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")

@@ -2,11 +2,11 @@
 
 ``STAGES`` maps each stage name, in an order that runs every stage after the stages it reads, to
 its ``StageSpec``: the ``pokesprite.stages`` function that runs it, the params.yaml keys it reads
-(DVC's ``params:``; its MLflow run logs them and those of every stage upstream of it), the data it reads (data/ or earlier
-stages' outputs) and the outputs it writes. Its code dependencies are not written down but computed
-(``code_deps``): every first-party file that the stage's command, ``python -m flows.run STAGE``, can
-import on the way to that function, so no edit of code a stage runs can leave its outputs looking
-up to date.
+(DVC's ``params:``; its MLflow run logs them and those of every stage upstream of it), the data it
+reads (data/ or earlier stages' outputs) and the outputs it writes. Its code dependencies are not
+written down but computed (``code_deps``): every first-party file that the stage's command,
+``python -m flows.run STAGE``, can import on the way to that function, so no edit of code a stage
+runs can leave its outputs looking up to date.
 
 ``dvc.yaml`` is generated from this module and committed; a test fails when the two differ::
 

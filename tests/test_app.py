@@ -99,8 +99,8 @@ class Server:
 
     def __init__(self, cmd: list[str], port: int, log: Path, ready_path: str = "/", extra_env: dict | None = None):
         self.url, self.log = f"http://127.0.0.1:{port}", log
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**env(), **(extra_env or {})},
-                                     cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     env={**env(), **(extra_env or {})}, cwd=ROOT, start_new_session=True)
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:

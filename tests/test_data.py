@@ -207,7 +207,8 @@ def test_table_without_header_column_is_named(raw_subset, tmp_path):
 
 
 def test_clean_caption():
-    assert clean_caption("  It\u2019s  a [CLS] \u201cseed\u201d\u2014Pok\u00e9mon\n ") == "It's a \"seed\" - Pok\u00e9mon"
+    assert (clean_caption("  It\u2019s  a [CLS] \u201cseed\u201d\u2014Pok\u00e9mon\n ")
+            == "It's a \"seed\" - Pok\u00e9mon")
 
 
 def test_composite_onto_background():

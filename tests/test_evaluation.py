@@ -44,7 +44,8 @@ def test_fid_equals_the_matrix_square_root_formula(n, m, d):
 
     g = torch.Generator().manual_seed(n)
     a = torch.randn(n, d, generator=g, dtype=torch.float64)
-    b = 0.5 * torch.randn(m, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.3
+    b = 0.5 * torch.randn(m, d, generator=g, dtype=torch.float64)
+    b = b @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.3
     ca, cb = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
     root = linalg.sqrtm(ca @ cb).real
     expected = float(((a.mean(0) - b.mean(0)) ** 2).sum()) + np.trace(ca) + np.trace(cb) - 2 * np.trace(root)
@@ -339,7 +340,8 @@ def test_evaluate_config_new_keys_default_off_and_name_the_key():
     assert (cfg.fid_samples, cfg.copy_percentile, cfg.guidance_scales) == (0, 1.0, ())
     loaded = from_dict(EvaluateConfig, {"fid_samples": 5000, "guidance_scales": [1, 2, 3.5]}, "evaluate")
     assert loaded.fid_samples == 5000 and loaded.guidance_scales == (1.0, 2.0, 3.5)
-    for bad, key in [({"fid_samples": -1}, "evaluate.fid_samples"), ({"copy_percentile": 101}, "evaluate.copy_percentile"),
+    for bad, key in [({"fid_samples": -1}, "evaluate.fid_samples"),
+                     ({"copy_percentile": 101}, "evaluate.copy_percentile"),
                      ({"guidance_scales": [1, 1]}, "evaluate.guidance_scales"),
                      ({"guidance_scales": [-2]}, "evaluate.guidance_scales"),
                      ({"guidance_scales": ["x"]}, "evaluate.guidance_scales"),

@@ -145,8 +145,10 @@ def test_atomic_save_gives_normal_permissions_and_leaves_no_temporary_file(tmp_p
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["-n", "1000"], "-n 1000: draw 1..64 sprites"), (["-n", "0"], "-n must be at least 1"), (["--steps", "0"], "--steps 0: must be in 1..1000"),
-    (["--guidance", "nan"], "--guidance nan: must be a finite number"), (["--sampler", "euler"], "choose one of ddpm, ddim"),
+    (["-n", "1000"], "-n 1000: draw 1..64 sprites"), (["-n", "0"], "-n must be at least 1"),
+    (["--steps", "0"], "--steps 0: must be in 1..1000"),
+    (["--guidance", "nan"], "--guidance nan: must be a finite number"),
+    (["--sampler", "euler"], "choose one of ddpm, ddim"),
     (["-o", "FILE"], "exists and is not a folder"), (["-o", "/proc/pokesprite_out"], "-o /proc/pokesprite_out: cannot"),
 ])
 def test_generate_checks_its_request_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, words):
@@ -182,7 +184,7 @@ def test_served_prompts_must_be_text():
     from pokesprite.registry import prompts_from_input
 
     assert prompts_from_input("a") == ["a"] and prompts_from_input(pd.DataFrame({"prompt": ["a", ""]})) == ["a", ""]
-    for bad, words in (([1, "a"], "prompt 0 is int 1, not text"), (pd.Series(["a", None], dtype=object), "prompt 1 is NoneType"),
-                       ([], "no prompts given")):
+    for bad, words in (([1, "a"], "prompt 0 is int 1, not text"),
+                       (pd.Series(["a", None], dtype=object), "prompt 1 is NoneType"), ([], "no prompts given")):
         with pytest.raises(ValueError, match=words):
             prompts_from_input(bad)

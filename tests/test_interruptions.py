@@ -73,7 +73,8 @@ def test_a_killed_runs_mlflow_run_is_marked_killed(tmp_path, monkeypatch):
         client = mlflow.MlflowClient(uri, uri)
         runs = {}
         for who, pid in (("dead", dead.pid), ("alive", os.getpid())):
-            run = client.create_run(experiment, tags={"stage": "vae", PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
+            run = client.create_run(experiment,
+                                    tags={"stage": "vae", PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
             runs[who] = run.info.run_id
         assert end_dead_runs(experiment, "vae") == [runs["dead"]]
         assert client.get_run(runs["dead"]).info.status == "KILLED"

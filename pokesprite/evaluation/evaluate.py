@@ -242,7 +242,8 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
     seeds = [cfg.seed + k for k in range(cfg.grid_seeds)]
     with phase(f"sample grid of {len(prompts)} prompts x {len(seeds)} seeds and text sensitivity"):
         # Each sprite is drawn alone, so that one seed gives every prompt the same noise.
-        grid = np.stack([np.concatenate([sample(pipeline, [p], s, cfg) for s in seeds]) for p in prompts])  # (P, S, H, W, 3)
+        grid = np.stack([np.concatenate([sample(pipeline, [p], s, cfg) for s in seeds])
+                         for p in prompts])  # (P, S, H, W, 3)
         tiles = to_unit_range(torch.from_numpy(grid).permute(0, 1, 4, 2, 3))
         metrics.update(text_sensitivity(*vgg_distances(perceptual, tiles, device)))
         images = {"sample_grid.png": labelled_grid(grid, prompts, seeds)}

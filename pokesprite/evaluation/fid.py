@@ -53,5 +53,6 @@ def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, *, subsets: int 
     g = torch.Generator().manual_seed(seed)
     a, b = a.double(), b.double()
     values = torch.tensor([_mmd2_unbiased(a[torch.randperm(len(a), generator=g)[:size]],
-                                          b[torch.randperm(len(b), generator=g)[:size]]) for _ in range(subsets)], dtype=torch.float64)
+                                          b[torch.randperm(len(b), generator=g)[:size]])
+                           for _ in range(subsets)], dtype=torch.float64)
     return float(values.mean()), float(values.std()) if subsets > 1 else 0.0

@@ -4,8 +4,9 @@ Classifier-free guidance (Ho & Salimans 2022) trades diversity for fidelity to t
 larger scale usually raises alignment and, past a point, hurts realism (the FID vs guidance-weight
 trade-off curves of Ho & Salimans 2022 and of Imagen, Saharia et al. 2022). One point per scale in
 ``evaluate.guidance_scales``: the held-out set drawn at that scale, its KID against the same real
-features as ``kid`` and its independent-scorer R-precision. Written as ``guidance_curve.csv`` (one row per scale), a picture
-``guidance_curve.png`` drawn with PIL, and metrics ``guidance.<scale>.kid`` and so on.
+features as ``kid`` and its independent-scorer R-precision. Written as ``guidance_curve.csv`` (one
+row per scale), a picture ``guidance_curve.png`` drawn with PIL, and metrics
+``guidance.<scale>.kid`` and so on.
 """
 from __future__ import annotations
 

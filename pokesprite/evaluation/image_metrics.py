@@ -2,8 +2,9 @@
 
 Both are per image, over all three channels, of uint8 images (data range 255); PSNR also takes float
 images with their data range (2 for the models' [-1, 1]), which is how the VAE stage validates. PSNR
-of identical images is infinite; it is capped at ``PSNR_CAP`` dB so that means stay finite. SSIM (Wang et al. 2004) uses an
-11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, over the valid region of each channel.
+of identical images is infinite; it is capped at ``PSNR_CAP`` dB so that means stay finite. SSIM
+(Wang et al. 2004) uses an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, over the valid
+region of each channel.
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ open_clip's contrastive ``ClipLoss``.
   while input dropout 0.5 raised validation retrieval a little (``head_hidden`` keeps the MLP option).
 
 Because the towers are frozen, ``pokesprite.train.alignment.train_alignment`` runs them once over
-the data and trains only the heads on the cached features (seconds on a CPU). When ``AlignmentConfig.clip_checkpoint`` names a
-pretrained open_clip checkpoint file, ``OpenClipAlignment`` wraps it behind the same interface.
+the data and trains only the heads on the cached features (seconds on a CPU). When
+``AlignmentConfig.clip_checkpoint`` names a pretrained open_clip checkpoint file,
+``OpenClipAlignment`` wraps it behind the same interface.
 
 Both models share: ``encode_text(captions) -> (B, D)``, ``encode_image(images in [-1, 1]) -> (B, D)``
 (unit norm; gradients flow back to the images), ``logit_scale`` (the log temperature parameter, as

@@ -82,8 +82,8 @@ def load_config(name: str) -> PretrainedConfig:
     if _BERT_KEYS <= config_dict.keys():
         return BertConfig.from_pretrained(path, local_files_only=True)
     raise ValueError(f"text.model {name!r}: its config.json has no model_type and does not look like a BERT "
-                       f"config (missing {sorted(_BERT_KEYS - config_dict.keys())}); add the right "
-                       '"model_type" (e.g. "bert") to config.json')
+                     f"config (missing {sorted(_BERT_KEYS - config_dict.keys())}); add the right "
+                     '"model_type" (e.g. "bert") to config.json')
 
 
 def load_tokenizer(name: str, config: PretrainedConfig | None = None):
@@ -95,7 +95,7 @@ def load_tokenizer(name: str, config: PretrainedConfig | None = None):
         raise _not_found(name, path, e) from None
     if tokenizer.pad_token is None:
         raise ValueError(f"text.model {name!r}: its tokenizer has no padding token; use a BERT-family "
-                           "(encoder) model such as 'bundled'")
+                         "(encoder) model such as 'bundled'")
     return tokenizer
 
 
@@ -179,9 +179,9 @@ class TextEncoder(nn.Module):
             if trainable_top_layers > len(layers):
                 raise ValueError(f"cannot unfreeze the top {trainable_top_layers} layers (finetune.train_layers): "
                                  f"the text model has only {len(layers)}")
-            for layer in layers[len(layers) - trainable_top_layers:]:
-                layer.requires_grad_(True)
         self.trainable_top_layers = trainable_top_layers
+        for layer in self._top_layers():
+            layer.requires_grad_(True)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "TextEncoder":
@@ -191,11 +191,16 @@ class TextEncoder(nn.Module):
         super().train(mode)
         if mode and self.trainable_top_layers is not None:
             self.transformer.eval()
-            if self.trainable_top_layers:
-                layers = transformer_layers(self.transformer)
-                for layer in layers[len(layers) - self.trainable_top_layers:]:
-                    layer.train()
+            for layer in self._top_layers():
+                layer.train()
         return self
+
+    def _top_layers(self) -> list[nn.Module]:
+        """The top ``trainable_top_layers`` transformer layers (none before ``freeze_transformer``)."""
+        if not self.trainable_top_layers:
+            return []
+        layers = transformer_layers(self.transformer)
+        return list(layers[len(layers) - self.trainable_top_layers:])
 
     @torch.no_grad()
     def encode_hidden(self, captions: list[str], *, batch_size: int = 64, device="cpu"):
