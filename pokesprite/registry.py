@@ -289,21 +289,45 @@ def current_champion(name: str):
     return client.get_model_version(name, str(version)) if version is not None else None
 
 
+RETRY_TAG = "prefect_flow_run_id"  # a lineage tag: the same value on a retried stage's attempts
+
+
+def registered_by_earlier_attempt(name: str, lineage: dict):
+    """The version that an earlier attempt of the same Prefect flow run registered, or None.
+
+    Prefect retries a failed evaluate task within its flow run; when the failure came after
+    registration, the retry must not register the same model a second time."""
+    run_id = lineage.get(RETRY_TAG)
+    if not run_id:
+        return None
+    found = [v for v in mlflow.MlflowClient().search_model_versions(f"name='{name}'")
+             if (v.tags or {}).get(RETRY_TAG) == str(run_id)]
+    return max(found, key=lambda v: int(v.version), default=None)
+
+
 def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: dict, *,
                        alignment_tolerance: float, background: tuple[int, int, int]) -> dict:
     """Log and register the pipeline in the active run, tag it, and give it ``champion`` or ``challenger``.
 
     ``background`` is the colour the sprites were composited onto for training (``data.background``):
-    the served model keys it to transparency."""
+    the served model keys it to transparency. A retry of the same Prefect flow run (``RETRY_TAG`` in
+    ``lineage``) finishes the version its earlier attempt registered instead of adding another."""
     client = mlflow.MlflowClient()
     champion = current_champion(name)  # before this version exists
-    info = log_model(pipeline_dir, registered_model_name=name, background=background)
-    version = str(info.registered_model_version)
+    earlier = registered_by_earlier_attempt(name, lineage)
+    if earlier is not None:
+        version = str(earlier.version)
+        log.info("version %s of %s was registered by an earlier attempt of this flow run: finishing it",
+                 version, name)
+        if champion is not None and str(champion.version) == version:  # and promoted: decided already
+            return {"version": int(version), "alias": CHAMPION,
+                    "reason": (earlier.tags or {}).get("promotion", "promoted by an earlier attempt")}
+    else:
+        info = log_model(pipeline_dir, background=background)
+        version = str(mlflow.register_model(info.model_uri, name, tags=lineage).version)  # lineage from the start
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
             client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", f"{float(v):.6g}")
-    for k, v in lineage.items():
-        client.set_model_version_tag(name, version, k, v)
     promote, why = beats(metrics, version_metrics(champion) if champion else None,
                          alignment_tolerance=alignment_tolerance)
     alias = CHAMPION if promote else CHALLENGER
@@ -311,8 +335,7 @@ def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: di
     client.set_model_version_tag(name, version, "promotion", why)
     if champion is not None and promote:
         client.set_model_version_tag(name, str(champion.version), "replaced_by", version)
-    return {"version": int(version), "alias": alias, "reason": why,
-            "previous_champion": int(champion.version) if champion else None}
+    return {"version": int(version), "alias": alias, "reason": why}
 
 
 def list_versions(name: str) -> list[dict]:

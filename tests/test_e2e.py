@@ -238,6 +238,28 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
     assert int(current_champion(name).version) == results[3]["version"]
     assert client.get_model_version(name, str(results[0]["version"])).tags["replaced_by"] == str(results[3]["version"])
     assert int(client.get_registered_model(name).aliases[CHAMPION]) == results[3]["version"]
+    assert client.get_model_version(name, str(results[0]["version"])).tags["git_commit"] == "test"
+
+    # Prefect retries a flow run's evaluate task: the retry finishes the version its first attempt
+    # registered (here cut short before its tags and alias) instead of registering the model again.
+    def register(kid, flow_run):
+        return register_evaluated(model_dir, name, {"kid": kid, "independent_r_precision": 0.5},
+                                  {"git_commit": "test", "prefect_flow_run_id": flow_run},
+                                  alignment_tolerance=0.02, background=(255, 255, 255))
+
+    with mlflow.start_run(run_name="retry-test"):
+        worse = register(0.5, "flow-run-a")
+        client.delete_model_version_tag(name, str(worse["version"]), "metric.kid")
+        client.delete_registered_model_alias(name, "challenger")
+        retried = register(0.5, "flow-run-a")
+        better = register(0.01, "flow-run-b")
+        retried_better = register(0.01, "flow-run-b")
+    assert retried == worse and worse["alias"] == "challenger"
+    assert retried_better == better and better["alias"] == CHAMPION
+    assert len(client.search_model_versions(f"name='{name}'")) == 6
+    assert client.get_model_version(name, str(worse["version"])).tags["metric.kid"] == "0.5"
+    aliases = client.get_registered_model(name).aliases
+    assert int(aliases["challenger"]) == worse["version"] and int(aliases[CHAMPION]) == better["version"]
 
 
 def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp_path):
