@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-HEADLINE = ("fid", "kid", "kid_std", "fid_all", "kid_all", "kid_all_std", "fid_all_generated_sprites",
+HEADLINE = ("fid", "kid", "kid_std", "fid_real", "kid_real", "fid_all", "kid_all", "kid_all_std", "fid_all_generated_sprites",
             "recon_psnr", "recon_ssim", "independent_r_precision", "independent_r_precision_before",
             "independent_r_precision_real", "stage3_scorer_r_precision", "stage3_scorer_r_precision_before",
             "chance_r_precision", "memorisation_rate", "memorisation_threshold", "text_sensitivity")

@@ -61,6 +61,13 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
                 "independent_r_precision", "independent_r_precision_before", "text_sensitivity"):
         assert np.isfinite(evaluation[key]), key
     assert evaluation["generated_sprites"] == 3 and evaluation["real_sprites"] == 16  # val + test of 16
+    # the floor: the real sprites of the same 3 captions, under the same protocol (vs all 16 real)
+    from pokesprite.evaluation.fid import frechet_distance
+
+    ref = torch.load(root / "outputs/reference/inception_features.pt", weights_only=False)
+    held = [i for i, split in enumerate(ref["splits"]) if split in ("val", "test")]
+    assert evaluation["fid_real"] == pytest.approx(frechet_distance(ref["features"][held], ref["features"]))
+    assert 0 <= evaluation["fid_real"] < evaluation["fid"] and np.isfinite(evaluation["kid_real"])
     assert 0 <= evaluation["recon_ssim"] <= 1 and evaluation["fid"] > 0
     facts = json.loads((root / "runs/evaluate.json").read_text())
     assert facts["registered_version"] == 1 and facts["promoted"] == 1 and "promoted" not in evaluation

@@ -4,10 +4,9 @@
 
 - reconstruction: the VAE's encode (mean) -> decode of the test-split sprites: PSNR, SSIM and the
   VGG (LPIPS-style) distance;
-- FID / KID: one sprite per validation and test caption (seeded; ``max_captions`` takes the first N)
-  against every real sprite; the
-  same numbers for the real validation + test sprites against the real training ones are the floor
-  that a perfect generator would reach at this N;
+- FID / KID: one sprite per validation and test caption (seeded; ``max_captions`` takes N of them,
+  evenly spaced) against every real sprite; ``fid_real`` / ``kid_real``, the same measures for the
+  real sprites of those captions, are the floor a perfect generator would reach at this N;
 - text alignment: R-precision among ``candidates`` captions with the stage-3 scorer and with the
   independent scorer, after stage 3 and before it (stage-2 text encoder), with real sprites as the
   ceiling;
@@ -33,7 +32,7 @@ import torch
 from PIL import Image
 
 from pokesprite.config import EvaluateConfig
-from pokesprite.data.dataset import SpriteDataset, read_index, to_uint8, to_unit_range
+from pokesprite.data.dataset import SpriteDataset, read_index, spread, to_uint8, to_unit_range
 from pokesprite.evaluation import guidance_curve as curve
 from pokesprite.evaluation.drawing import draw, sample
 from pokesprite.evaluation.fid import frechet_distance, kernel_inception_distance
@@ -207,7 +206,7 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
 
     # One sprite per validation/test caption; FID/KID against all real sprites.
     held = [r for r in rows if r["split"] in EVAL_SPLITS]
-    held = held[:cfg.max_captions] if cfg.max_captions else held
+    held = spread(held, cfg.max_captions)
     captions = [r["caption"] for r in held]
     inception = load_inception(device)
     with phase(f"drawing {len(captions)} sprites"):
@@ -219,6 +218,12 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
                                                  subset_size=cfg.kid_subset_size, seed=cfg.seed)
         metrics.update({"generated_sprites": len(generated), "real_sprites": len(real_feats),
                         "fid": frechet_distance(gen_feats, real_feats), "kid": kid, "kid_std": kid_std})
+        # The floor: a generator that drew each caption's real sprite, under the same protocol and N.
+        real_held_feats = real_feats[[by_number[r["number"]] for r in held]]
+        kid_real, kid_real_std = kernel_inception_distance(real_held_feats, real_feats, subsets=cfg.kid_subsets,
+                                                           subset_size=cfg.kid_subset_size, seed=cfg.seed)
+        metrics.update({"fid_real": frechet_distance(real_held_feats, real_feats), "kid_real": kid_real,
+                        "kid_real_std": kid_real_std})
 
     # Text alignment: generated after and before stage 3, and the real sprites as the ceiling.
     with phase("text alignment of the generated and the real sprites"):
@@ -227,7 +232,6 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
         real_images = SpriteDataset(processed_dir, None)
         position = {r["number"]: i for i, r in enumerate(real_images.rows)}
         real_held = torch.stack([real_images.images[position[r["number"]]] for r in held])
-        real_held_feats = real_feats[[by_number[r["number"]] for r in held]]
         metrics.update(_alignment(real_held, real_held_feats, captions, alignment, scorer, cfg, "_real"))
     if before_text is not None:
         with phase("text alignment before stage 3"):
