@@ -166,7 +166,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clip; tightened adaptively when an explosion is detected
     explosion_factor: float = 5.0  # a gradient norm above factor x its running mean counts as an explosion
     max_bad_batches: int = 50  # stop with an error after this many skipped (non-finite) batches; 0 = never
-    max_train_items: int = 0  # 0 = the whole training split; >0 caps it (quick experiments)
+    max_train_items: int = 0  # 0 = the whole training split; >0 caps it, evenly spaced by number (quick runs)
     sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
     checkpoint_every: int = 10  # also keep epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)
     save_every: int = 1  # write last.pt (and a pending best.pt) every N epochs and after the last
@@ -327,7 +327,7 @@ class EvaluateConfig:
     batch_size: int = 32  # sprites drawn (and scored) at a time
     sampler: str = ""  # "" = the model's own (diffusion.sample.sampler); ddpm or ddim to override
     steps: int = 0  # 0 = the model's own sampling steps
-    max_captions: int = 0  # 0 = one sprite per validation and test caption; > 0 = the first N of them
+    max_captions: int = 0  # 0 = one sprite per validation and test caption; > 0 = N of them, evenly spaced
     candidates: int = 32  # R-precision: the caption among this many (chance = 1 / candidates)
     kid_subsets: int = 100  # KID: mean and std over this many random subsets ...
     kid_subset_size: int = 100  # ... of this size (capped at the smaller set)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pokesprite.data import raw
-from pokesprite.data.dataset import SpriteDataset, to_uint8, to_unit_range
+from pokesprite.data.dataset import SpriteDataset, spread, to_uint8, to_unit_range
 from pokesprite.data.preprocess import clean_caption, preprocess, split_numbers, to_square_rgb
 
 from conftest import N_SPRITES, make_subset
@@ -209,6 +209,8 @@ def test_table_without_header_column_is_named(raw_subset, tmp_path):
 def test_clean_caption():
     assert (clean_caption("  It\u2019s  a [CLS] \u201cseed\u201d\u2014Pok\u00e9mon\n ")
             == "It's a \"seed\" - Pok\u00e9mon")
+    # NFKC folds compatibility forms (ligatures, full-width letters, circled digits) to plain text
+    assert clean_caption("\ufb01re \uff30\uff4f\uff4b\u00e9 \u2460") == "fire Pok\u00e9 1"
 
 
 def test_composite_onto_background():
@@ -231,6 +233,9 @@ def test_resize_keeps_aspect_ratio_and_pads():
     assert tuple(out[0, 107]) == (255, 255, 255) and tuple(out[-1, 107]) == (255, 255, 255)
 
 
+TEST_SPLIT_HEAD = [8, 30, 74, 79, 105, 116, 177, 185]  # the first test-split numbers at seed 0
+
+
 def test_split_is_deterministic_with_the_right_sizes():
     numbers = list(range(1, 899))
     a = split_numbers(numbers, (0.8, 0.15, 0.05), seed=0)
@@ -238,6 +243,8 @@ def test_split_is_deterministic_with_the_right_sizes():
     assert a != split_numbers(numbers, (0.8, 0.15, 0.05), seed=1)
     sizes = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
     assert sizes == {"train": 718, "val": 135, "test": 45}
+    # pinned: the committed dvc.lock and metrics were made with this split of the 898 sprites
+    assert sorted(n for n, s in a.items() if s == "test")[:8] == TEST_SPLIT_HEAD
 
 
 def test_preprocess_outputs(processed):
@@ -271,8 +278,15 @@ def test_dataset_range_splits_and_limit(processed):
     val, everything = SpriteDataset(processed, "val"), SpriteDataset(processed, None)
     assert len(plain) + len(val) < len(everything) == 16
     assert not {r["number"] for r in plain.rows} & {r["number"] for r in val.rows}
+    n = len(plain)  # a cap spreads over the split (Pokedex order), not the first generations only
     assert [r["number"] for r in SpriteDataset(processed, "train", limit=3).rows] == \
-        [r["number"] for r in plain.rows[:3]]
+        [plain.rows[i]["number"] for i in (0, n // 3, 2 * n // 3)]
+
+
+def test_spread_takes_evenly_spaced_rows():
+    assert spread(list(range(718)), 160)[:4] == [0, 4, 8, 13] and spread(list(range(718)), 160)[-1] == 713
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8] and spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert spread([1, 2], 0) == spread([1, 2], 2) == spread([1, 2], 9) == [1, 2]
 
 
 def test_unit_range_round_trip():

@@ -21,6 +21,14 @@ def read_index(processed_dir: Path) -> list[dict]:
     return rows
 
 
+def spread(rows: list, limit: int) -> list:
+    """``limit`` rows evenly spaced through ``rows`` (all of them when ``limit`` is 0 or not smaller).
+
+    Rows come in Pokedex order, so a cap taken from the front would hold the first generations only."""
+    n = len(rows)
+    return list(rows) if not limit or limit >= n else [rows[i * n // limit] for i in range(limit)]
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float().div(127.5).sub(1.0)
@@ -39,8 +47,7 @@ class SpriteDataset(Dataset):
 
     def __init__(self, processed_dir: Path, split: str | None, *, limit: int = 0):
         self.rows = [r for r in read_index(processed_dir) if split is None or r["split"] == split]
-        if limit:
-            self.rows = self.rows[:limit]
+        self.rows = spread(self.rows, limit)  # a cap spans the whole split
         if not self.rows:
             raise ValueError(f"{processed_dir}: split {split!r} is empty")
         images = []
