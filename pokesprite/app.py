@@ -114,17 +114,12 @@ def describe_model(uri: str) -> str:
 
 def load_studio(model: str, *, device: str | None = None, background=None) -> SpriteStudio:
     """Load ``model`` once: a saved pipeline folder, or an MLflow model URI from the project's store."""
-    import torch
-
     from pokesprite.stages import resolve_device
 
     try:
-        device = resolve_device(device)
-    except RuntimeError as e:  # torch's own message lists the valid device types
-        raise ServeError(f"--device {device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ServeError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-    device = str(device)
+        device = str(resolve_device(device))
+    except ValueError as e:  # it names the device and says what to use
+        raise ServeError(str(e)) from None
     if Path(model).is_dir():
         from pokesprite.pipeline import SpritePipeline
 

@@ -116,12 +116,14 @@ def cmd_train(args) -> int:
         if resume_kind not in resumable:
             kinds = ", ".join(resumable[:-1]) + " or " + resumable[-1]
             raise ValueError(f"{args.resume}: not a {kinds} checkpoint (kind {resume_kind!r})")
+        if "train" not in ckpt:
+            raise ValueError(f"{args.resume}: holds inference weights only; resume from last.pt or epoch_NNNN.pt")
     from pokesprite.train import distributed
 
     layout = stages.Layout(args.root, args.out)
     names = stages_to_run(args.stage, resume_kind, layout)
+    stages.resolve_device(args.device)  # a wrong --device fails before any stage; under torchrun it joins the group
     if distributed.launched():  # every process runs what process 0 found missing
-        stages.resolve_device(args.device)  # joins the process group
         names = distributed.broadcast(names)
         for name in names:  # before any long work
             if STAGES[name].resumable:
@@ -160,14 +162,19 @@ def cmd_train(args) -> int:
 def check_generate_args(args) -> str | None:
     """What is wrong with a ``generate`` request, checked before the model loads (None: nothing).
 
-    Limits come from ``diffusion.sample`` of ./params.yaml when there is one (else the defaults).
+    Limits come from ``diffusion.sample`` of ./params.yaml when it loads (else the defaults): a
+    half-edited params.yaml does not stop drawing from a registered model, which checks the request
+    against its own limits again.
     """
     import math
 
-    from pokesprite.config import SampleConfig, ScheduleConfig, load_params, sampler_names
+    from pokesprite.config import ConfigError, SampleConfig, ScheduleConfig, load_params, sampler_names
     from pokesprite.pipeline import MAX_PROMPT_CHARS
 
-    params = load_params("params.yaml") if Path("params.yaml").is_file() else None
+    try:
+        params = load_params("params.yaml") if Path("params.yaml").is_file() else None
+    except ConfigError:
+        params = None
     sample = params.diffusion.sample if params else SampleConfig()
     timesteps = params.diffusion.schedule.timesteps if params else ScheduleConfig().timesteps
     if not args.prompt.strip():
@@ -221,7 +228,13 @@ def cmd_generate(args) -> int:
         logged = {p.name: p.default for p in schema.params} if schema else {}
         background = parse_colour(logged.get("background") or WHITE)
     params = {"seed": args.seed, "num_steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler}
-    images = model.predict([args.prompt] * args.n, params={k: v for k, v in params.items() if v is not None})
+    try:
+        images = model.predict([args.prompt] * args.n, params={k: v for k, v in params.items() if v is not None})
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        print(f"error: {args.model}: {e.message}", file=sys.stderr)  # over this model's own limits
+        return 2
     out = Path(args.out)
     for i, img in enumerate(images):
         path = out / f"sprite_{args.seed}_{i:02d}.png"

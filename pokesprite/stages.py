@@ -95,7 +95,8 @@ class Layout:
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """``auto`` (the default, or $POKESPRITE_DEVICE) picks CUDA when present, else the CPU.
+    """``auto`` (the default, or $POKESPRITE_DEVICE) picks CUDA when present, else the CPU. A name
+    torch does not know, or CUDA on a machine without it, is a ValueError that names it.
 
     On CUDA, float32 matrix products may use TF32 tensor cores (``set_float32_matmul_precision("high")``).
     ``cudnn.benchmark`` stays off: on an H200 it did not speed up the VAE step (277.8 against 277.7
@@ -112,7 +113,13 @@ def resolve_device(name: str | None = None) -> torch.device:
 
     name = name or os.environ.get("POKESPRITE_DEVICE", "auto")
     auto = distributed.local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = auto if name == "auto" else torch.device(name)
+    try:
+        device = auto if name == "auto" else torch.device(name)
+    except RuntimeError as e:  # torch's message lists the device types it knows
+        raise ValueError(f"device {name!r} (--device or $POKESPRITE_DEVICE): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} (--device or $POKESPRITE_DEVICE): this machine has no CUDA device; "
+                         "use cpu or auto")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     if os.environ.get("POKESPRITE_DETERMINISTIC") == "1":

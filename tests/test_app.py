@@ -316,6 +316,25 @@ def test_generate_writes_rgba_pngs_with_normal_permissions_or_rgb(registry, tmp_
     assert np.array_equal(np.asarray(rgba), key_background(np.asarray(rgb)))
 
 
+def test_generate_is_not_stopped_by_a_broken_params_yaml_and_keeps_to_the_models_limits(
+        registry, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from pokesprite.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("diffusion: {sample: {stepz: 5}}\n")  # half-edited: not generate's
+    assert main(["generate", PROMPT, "--model", f"models:/{NAME}@champion", "-o", "a"]) == 0
+    assert len(list((tmp_path / "a").iterdir())) == 4  # -n defaults to 4
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["diffusion"]["sample"]["max_sprites"] = 100  # more than the registered model allows (64)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    capsys.readouterr()
+    assert main(["generate", PROMPT, "--model", f"models:/{NAME}@champion", "-n", "70", "-o", "b"]) == 2
+    assert "70 prompts: this model draws at most 64 sprites per request" in capsys.readouterr().err
+    assert not any((tmp_path / "b").iterdir())
+
+
 def test_long_prompts_are_refused_or_noted_and_a_deadline_stops_the_drawing(pipeline_dir):
     from pokesprite.pipeline import DrawingTimeout
 

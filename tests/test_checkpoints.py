@@ -1,4 +1,6 @@
 """pokesprite.checkpoints: atomic writes, data-only reads, kinds checked."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,28 @@ def test_cli_refuses_a_payload_before_any_work(tmp_path, flag, capsys, monkeypat
     assert f"{path}: refused" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_wrong_device_or_a_weights_only_resume_before_any_stage(tmp_path, capsys, monkeypatch):
+    from pokesprite.cli import main
+
+    monkeypatch.setenv("POKESPRITE_TRACKING", "off")
+    assert main(["train", "--stage", "2", "--device", "banana", "--root", str(tmp_path), "--no-mlflow"]) == 2
+    assert "error: device 'banana' (--device or $POKESPRITE_DEVICE): " in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()  # preprocess, which does not use the device, did not run either
+    best = tmp_path / "best.pt"
+    atomic_save({"kind": "diffusion", "unet": {}, "text_proj": {}}, best)
+    assert main(["train", "--resume", str(best), "--root", str(tmp_path), "--no-mlflow"]) == 2
+    assert f"{best}: holds inference weights only; resume from last.pt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_named():
+    from pokesprite.stages import resolve_device
+
+    with pytest.raises(ValueError, match="device 'cuda:1' .*: this machine has no CUDA device; use cpu or auto"):
+        resolve_device("cuda:1")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
 def test_truncated_and_foreign_files_are_named(tmp_path):
     atomic_save({"kind": "vae", "w": torch.zeros(1000)}, tmp_path / "a.pt")
     data = (tmp_path / "a.pt").read_bytes()
@@ -142,6 +166,18 @@ def test_saved_files_get_the_users_permissions_and_leave_no_temporary(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "m.json").read_bytes() == "{\"\u00e9\": 1}\n".encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "m.json"]
+
+
+def test_a_file_reaches_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """fsync of the complete temporary file, then the rename: a power cut leaves the old file or the new one."""
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or replace(a, b))
+    write_text_atomic(tmp_path / "m.json", "{}\n")
+    assert events == [("fsync", 3), ("replace", "m.json")]
 
 
 def test_atomic_folder_replaces_the_old_folder_whole_or_not_at_all(tmp_path):
