@@ -77,6 +77,46 @@ def test_sampler_with_an_oracle_recovers_x0(name, steps):
     assert torch.allclose(x, x0, atol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [10, 50])
+def test_a_ddim_step_moves_a_noised_latent_to_the_previous_step(steps):
+    """Deterministic DDIM (eta 0) with the true noise maps q(x_t | x0) to q(x_prev | x0) with the same noise,
+    at every step, not only the last."""
+    sched = NoiseSchedule(ScheduleConfig())
+    sampler = DDIMSampler(sched, steps)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(2, 8, 5, 5, generator=g, dtype=torch.float64) * 2 - 1  # float64: at t = 999, ab is 2.4e-9
+    eps = torch.randn(2, 8, 5, 5, generator=g, dtype=torch.float64)
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        x_t = sched.add_noise(x0, eps, torch.full((2,), t))
+        expected = (x0 if sampler.is_last(i)
+                    else sched.add_noise(x0, eps, torch.full((2,), int(sampler.timesteps[i + 1]))))
+        assert torch.allclose(sampler.step(eps, i, x_t), expected, atol=1e-5), (i, t)
+
+
+@pytest.mark.parametrize("steps", [1000, 20])
+def test_a_ddpm_step_samples_the_gaussian_posterior(steps):
+    """x_prev ~ q(x_prev | x_t, x0), derived here by conditioning the joint Gaussian of
+    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) z and x_t = sqrt(a) x_prev + sqrt(1 - a) z', a = ab / ab_prev:
+    mean sqrt(ab_prev) x0 + sqrt(a) (1 - ab_prev) / (1 - ab) (x_t - sqrt(ab) x0),
+    variance (1 - ab_prev) - a (1 - ab_prev)^2 / (1 - ab); the noise is the generator's next draw."""
+    sched = NoiseSchedule(ScheduleConfig())
+    sampler = DDPMSampler(sched, steps)
+    g = torch.Generator().manual_seed(2)
+    x0, x_t = torch.rand(3, 4, 5, 5, generator=g) * 2 - 1, torch.randn(3, 4, 5, 5, generator=g)
+    ab_all = sched.alphas_cumprod.double()
+    for i in (0, 1, len(sampler.timesteps) // 2, len(sampler.timesteps) - 2):
+        t, t_prev = (int(v) for v in sampler.timesteps[i:i + 2])
+        ab, ab_prev = ab_all[t], ab_all[t_prev]
+        a = ab / ab_prev
+        mean = ab_prev.sqrt() * x0 + a.sqrt() * (1 - ab_prev) / (1 - ab) * (x_t - ab.sqrt() * x0)
+        var = (1 - ab_prev) - a * (1 - ab_prev) ** 2 / (1 - ab)
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(i))
+        expected = (mean + var.sqrt() * noise).float()
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise that puts x0 at x_t
+        got = sampler.step(eps.float(), i, x_t, generator=torch.Generator().manual_seed(i))
+        assert torch.allclose(got, expected, atol=2e-4), (i, (got - expected).abs().max())
+
+
 def test_ddim_with_eta_one_has_the_ddpm_variance():
     sched = NoiseSchedule(ScheduleConfig())
     ddim, ddpm = DDIMSampler(sched, 20, eta=1.0), DDPMSampler(sched, 20)
@@ -109,6 +149,8 @@ def test_training_latents_are_clamped_and_the_loss_kind_is_used():
     mean, logvar = torch.tensor([[-5.0, 0.5, 5.0]]), torch.full((1, 3), -60.0)  # ~no posterior noise
     assert sample_latents(mean, logvar, 1.0, clamp=3.0).tolist() == [[-3.0, 0.5, 3.0]]
     assert sample_latents(mean, logvar, 1.0, clamp=0.0).tolist() == [[-5.0, 0.5, 5.0]]
+    # scaled first, then clamped: the clamp is in the units the U-Net sees
+    assert torch.allclose(sample_latents(mean * 1.6, logvar, 0.5, clamp=3.0), torch.tensor([[-3.0, 0.4, 3.0]]))
 
     class Zero(torch.nn.Module):  # predicts eps = 0, so the loss is a function of the noise alone
         def forward(self, x, t, context, mask):
@@ -299,26 +341,30 @@ def test_config_prediction_and_min_snr_gamma():
 # --- the pipeline and stage 3 with stand-in models ---
 
 class OracleUNet(torch.nn.Module):
-    """Returns the exact eps or v for the clean latent ``x0`` (set by the test)."""
+    """Returns the exact eps or v for the clean latent ``x0`` (set by the test); for the empty caption
+    that of ``x0_uncond`` when the test sets one."""
 
     def __init__(self, sched, prediction, channels=3):
         super().__init__()
-        self.sched, self.prediction, self.x0 = sched, prediction, None
+        self.sched, self.prediction, self.x0, self.x0_uncond = sched, prediction, None, None
         self.cfg = SimpleNamespace(latent_channels=channels)
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device
 
     def forward(self, x, t, context, mask):
-        return oracle_output(self.sched, x, t, self.x0, self.prediction)
+        x0 = self.x0
+        if self.x0_uncond is not None:  # StubText: context 1 for a caption, 0 for ""
+            x0 = torch.where(context[:, :1, :1, None] > 0, self.x0, self.x0_uncond)
+        return oracle_output(self.sched, x, t, x0, self.prediction)
 
 
 class StubText(torch.nn.Module):
     def tokenize(self, captions, device="cpu"):
-        n = len(captions)
-        return {"input_ids": torch.zeros(n, 1, dtype=torch.long, device=device),
-                "attention_mask": torch.ones(n, 1, dtype=torch.long, device=device)}
+        ids = [[int(bool(c))] for c in captions]  # 1 for a caption, 0 for ""
+        return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(len(ids), 1, dtype=torch.long, device=device)}
 
     def forward(self, input_ids, attention_mask):
-        return torch.zeros(len(input_ids), 1, 4)
+        return input_ids.float()[:, :, None].expand(-1, -1, 4)
 
 
 class IdentityVAE(torch.nn.Module):
@@ -332,7 +378,10 @@ class IdentityVAE(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler,guidance", [("ddpm", 1.0), ("ddim", 3.0)])
 def test_pipeline_samples_a_v_model_with_guidance(sampler, guidance):
-    """A v-oracle for a known image: the pipeline built with prediction=v draws exactly that image."""
+    """A v-oracle for a known image: the pipeline built with prediction=v draws exactly that image.
+
+    With guidance the unconditional oracle knows another image, x0_u; since v is affine in x0 at a
+    fixed x_t, guided sampling lands on x0_u + scale (x0_c - x0_u), which is set to be the known image."""
     from pokesprite.config import SampleConfig
     from pokesprite.data.dataset import to_uint8
     from pokesprite.pipeline import SpritePipeline
@@ -341,7 +390,11 @@ def test_pipeline_samples_a_v_model_with_guidance(sampler, guidance):
     x0 = ((torch.arange(48) * 5 + 5) / 127.5 - 1).view(1, 3, 4, 4)  # uint8 levels 5, 10, ..., 240
     expected = to_uint8(x0).permute(0, 2, 3, 1).numpy()
     unet = OracleUNet(sched, "v")
-    unet.x0 = x0
+    if guidance == 1.0:
+        unet.x0 = x0
+    else:  # conditional and unconditional images whose guided combination is x0
+        unet.x0 = 0.9 * x0
+        unet.x0_uncond = (guidance * unet.x0 - x0) / (guidance - 1)
     pipes = {prediction: SpritePipeline(IdentityVAE(), unet, StubText(), sched, latent_scale=1.0,
                                         prediction=prediction,
                                         sample=SampleConfig(sampler=sampler, steps=10, guidance_scale=guidance))
@@ -380,6 +433,8 @@ def test_one_step_objective_follows_the_prediction(prediction):
     obj.cond_drop_prob = 1.0
     alignment, _, emb, keep = obj((mean, logvar, torch.arange(4)), torch.Generator().manual_seed(1), train=True)
     assert emb.shape == (4, 8) and decoded[-1].shape[0] == 4 and not keep.any() and alignment.item() == 0.0
+    *_, keep = obj((mean, logvar, torch.arange(4)), torch.Generator().manual_seed(1), train=False)
+    assert keep.all()  # validation never drops captions
 
 
 # --- checkpoints and saved pipelines written before v-prediction load as eps ---

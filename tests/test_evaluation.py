@@ -300,6 +300,7 @@ def test_promotion_rule():
     assert beats({"kid": 0.04, "independent_r_precision": 0.29}, champ, alignment_tolerance=0.02)[0]  # within
     worse_kid, why = beats({"kid": 0.06, "independent_r_precision": 0.9}, champ, alignment_tolerance=0.02)
     assert not worse_kid and "not below" in why
+    assert not beats(dict(champ), champ, alignment_tolerance=0.02)[0]  # a tie (the same model again) keeps it
     worse_text, why = beats({"kid": 0.01, "independent_r_precision": 0.20}, champ, alignment_tolerance=0.02)
     assert not worse_text and "text alignment" in why
     assert beats({"kid": 0.5, "independent_r_precision": 0.0}, None, alignment_tolerance=0.02)[0]

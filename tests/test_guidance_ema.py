@@ -51,6 +51,7 @@ def test_caption_dropout_rate_and_replacement():
     h, m = out["hidden"], out["mask"]
     dropped = (h.abs().sum((1, 2)) == 0)
     assert torch.equal(dropped, drop)
+    assert torch.equal(drop, torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.1)  # rate 0.1
     assert 60 < dropped.sum() < 140 and (m[dropped] == empty_m).all() and (m[~dropped] == 1).all()
     assert hidden.sum() == 1000 * 12  # the cached features are not modified
     out, drop = drop_captions({"hidden": hidden}, {"hidden": empty_h}, 0.0, g)

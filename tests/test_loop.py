@@ -68,6 +68,13 @@ def test_onecycle_warms_up_for_ten_percent_then_anneals_to_zero():
     assert lrs[0] == pytest.approx(1e-3 / 25)
     assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9  # the 10th of 100 steps
     assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # cosine both ways: up from lr/25 over steps 0-9, down to lr/25/1e4 over steps 9-99
+    start, peak, end = 1e-3 / 25, 1e-3, 1e-3 / 25 / 1e4
+    for k in range(100):
+        up, frac = (True, k / 9) if k <= 9 else (False, (k - 9) / 90)
+        expected = (start + (peak - start) * (1 - math.cos(math.pi * frac)) / 2 if up
+                    else end + (peak - end) * (1 + math.cos(math.pi * frac)) / 2)
+        assert lrs[k] == pytest.approx(expected, rel=1e-9), k
 
 
 @pytest.mark.parametrize("steps", [1, 2, 10, 20])
@@ -130,13 +137,62 @@ def test_gradient_explosion_is_detected_and_clipped_to_the_running_norm(tmp_path
     assert result.history[-1]["val_loss"] < 2 * ok.history[-1]["val_loss"] + 0.05
 
 
+def test_the_guard_clips_an_explosion_to_the_running_mean_and_leaves_the_mean_alone():
+    from pokesprite.train.stability import MOMENTUM, WARMUP_STEPS, StabilityGuard
+
+    guard = StabilityGuard(cfg(grad_clip=10.0), "toy")
+    p = nn.Parameter(torch.zeros(2))
+
+    def step(norm):
+        p.grad = torch.tensor([0.6, 0.8]) * norm  # a gradient of exactly that norm
+        guard.step(torch.tensor(1.0), [p])
+        return float(p.grad.norm())
+
+    for _ in range(WARMUP_STEPS):
+        assert step(2.0) == pytest.approx(2.0)  # typical: untouched (below grad_clip)
+    assert guard.state_dict()["mean_norm"] == pytest.approx(2.0)
+    assert step(100.0) == pytest.approx(2.0, rel=1e-5)  # over 5x the mean: clipped to the mean, not to grad_clip
+    assert guard.explosions == 1 and guard.state_dict()["mean_norm"] == pytest.approx(2.0)  # not absorbed
+    assert step(9.0) == pytest.approx(9.0)  # 4.5x the mean: typical, and below grad_clip
+    assert guard.state_dict()["mean_norm"] == pytest.approx(MOMENTUM * 2.0 + (1 - MOMENTUM) * 9.0)
+    assert step(11.0) == pytest.approx(10.0, rel=1e-5) and guard.explosions == 1  # typical, above grad_clip
+    step(float("nan"))
+    assert guard.skipped == 1 and guard.state_dict()["steps"] == WARMUP_STEPS + 2
+
+
+def test_validation_and_the_saved_weights_are_the_ema(tmp_path):
+    """With an EMA, each epoch validates the averaged weights, best.pt holds them and last.pt keeps
+    both the live weights and the average."""
+    stage = toy_stage(ema_decay=0.9)
+    seen, validate = [], stage.validate
+
+    def recording_validate(epoch):
+        seen.append({k: v.clone() for k, v in stage.model.state_dict().items()})
+        return validate(epoch)
+
+    stage.validate = recording_validate
+    fit(stage, cfg(epochs=1), out_dir=tmp_path)
+    train = load_checkpoint(tmp_path / "last.pt", "toy")["train"]
+    best = load_checkpoint(tmp_path / "best.pt", "toy")["weights"]
+    shadow, live = train["ema"]["shadow"], train["model"]
+    for k in live:
+        assert torch.equal(seen[0][k], shadow[k]) and torch.equal(best[k], shadow[k]), k
+    assert not torch.equal(live["weight"], shadow["weight"])  # the average lags the live weights
+    assert torch.equal(stage.model.weight, live["weight"])  # and training goes on with the live ones
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_resume_from_a_mid_run_checkpoint_equals_the_straight_run(tmp_path, ema_decay):
-    fit(toy_stage(ema_decay=ema_decay), cfg(), out_dir=tmp_path / "straight")
+    # epoch 1 has a NaN batch and an explosion: the guard's counts and running mean resume too
+    straight = fit(toy_stage(ema_decay=ema_decay, bad_steps={3}, huge_steps={15}), cfg(),
+                   out_dir=tmp_path / "straight")
     resumed_stage = toy_stage(ema_decay=ema_decay, seed=99)  # different init and RNG: all must come from the file
-    fit(resumed_stage, cfg(), out_dir=tmp_path / "resumed", resume=tmp_path / "straight" / "epoch_0001.pt")
+    resumed = fit(resumed_stage, cfg(), out_dir=tmp_path / "resumed",
+                  resume=tmp_path / "straight" / "epoch_0001.pt")
+    assert (straight.skipped_batches, straight.explosions) == (resumed.skipped_batches, resumed.explosions) == (1, 1)
     a = load_checkpoint(tmp_path / "straight" / "last.pt", "toy")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt", "toy")
+    assert a["train"]["guard"] == b["train"]["guard"]
     for name in a["train"]["model"]:
         assert torch.equal(a["train"]["model"][name], b["train"]["model"][name]), name
     for name in ("best.pt",):  # the exported (EMA) weights too

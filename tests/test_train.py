@@ -46,6 +46,10 @@ def test_vae_overfits_and_writes_a_self_describing_checkpoint(vae_run, tiny_para
     out, metrics, tracker = vae_run
     l1 = [v for _, v in tracker.history["train_l1"]]
     assert l1[-1] < 0.7 * l1[0], l1
+    # the KL weight rises linearly from 0 in epoch 1 to kl_weight at epoch kl_anneal_epochs + 1
+    w, anneal = tiny_params.vae.loss.kl_weight, tiny_params.vae.loss.kl_anneal_epochs
+    kl_weights = [v for _, v in tracker.history["train_kl_weight"]]
+    assert kl_weights[:anneal + 2] == pytest.approx([w * min(1, e / anneal) for e in range(anneal + 2)])
     ckpt = load_checkpoint(out / "best.pt", "vae")
     assert ckpt["config"]["channels"] == list(tiny_params.vae.model.channels)
     vae = VAE.from_checkpoint(out / "best.pt")  # rebuilt from the checkpoint alone
@@ -115,13 +119,18 @@ def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, ti
     metrics = train_finetune(cfg, data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt",
                              diffusion_checkpoint=diffusion_run[0] / "best.pt", alignment=alignment,
                              out_dir=tmp_path, seed=0, tracker=tracker)
-    assert metrics["val_loss_after"] <= metrics["val_loss_before"]
     assert [s for s, _ in tracker.history["val_retrieval_top1"]] == [0, 1, 2]  # epoch 0 = before fine-tuning
+    # the best of the encoder before fine-tuning (epoch 0) and each epoch's is the one saved
+    val = [v for _, v in tracker.history["val_loss"]]
+    assert metrics["best_epoch"] == val.index(min(val)) and metrics["val_loss_after"] == pytest.approx(min(val))
     assert {"train_clip", "train_consistency"} <= set(tracker.history)
     pipe = SpritePipeline.load(tmp_path / "model")
     diff = load_checkpoint(diffusion_run[0] / "best.pt", "diffusion")
     for k, v in diff["unet"].items():  # the U-Net is frozen in stage 3
         assert torch.equal(pipe.unet.state_dict()[k], v)
+    before = SpritePipeline.from_checkpoints(vae_run[0] / "best.pt", diffusion_run[0] / "best.pt").text.state_dict()
+    changed = [k for k, v in pipe.text.state_dict().items() if not torch.equal(v, before[k])]
+    assert bool(changed) == (metrics["best_epoch"] > 0)
     images = pipe(["a small green creature with a bulb on its back", "a blue turtle"], seed=0, num_steps=3)
     assert images.shape == (2, 215, 215, 3) and images.dtype == np.uint8
 
