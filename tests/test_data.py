@@ -231,6 +231,11 @@ def test_resize_keeps_aspect_ratio_and_pads():
     red_rows = np.where((out[:, 107] == (255, 0, 0)).all(axis=1))[0]
     assert 105 <= len(red_rows) <= 109  # 215 * 250 / 500, centred
     assert tuple(out[0, 107]) == (255, 255, 255) and tuple(out[-1, 107]) == (255, 255, 255)
+    # a textured sprite: Lanczos-resized to 215 x 108 and pasted at row 53, pixel for pixel
+    noise = np.random.default_rng(0).integers(0, 256, (250, 500, 3), dtype=np.uint8)
+    out = np.asarray(to_square_rgb(Image.fromarray(noise).convert("RGBA"), 215, (255, 255, 255)))
+    expected = np.asarray(Image.fromarray(noise).resize((215, 108), Image.LANCZOS))
+    assert np.array_equal(out[53:161], expected)
 
 
 TEST_SPLIT_HEAD = [8, 30, 74, 79, 105, 116, 177, 185]  # the first test-split numbers at seed 0
