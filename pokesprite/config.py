@@ -135,6 +135,10 @@ def sampler_names() -> tuple[str, ...]:
     return tuple(SAMPLERS)
 
 
+MAX_PROMPT_CHARS = 1000  # longer prompts are refused: the encoder reads at most text.max_tokens anyway
+MAX_SEED = 2**63 - 1  # sprite seeds are 64-bit signed integers (torch's generators, JSON, the web page)
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How the registered model and the sample grids draw; callers can override each per request."""

@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-from pokesprite.config import SampleConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from pokesprite.config import (MAX_PROMPT_CHARS, MAX_SEED, SampleConfig, ScheduleConfig, TextConfig, UNetConfig,
+                               VAEConfig, from_dict, to_dict)
 from pokesprite.data.dataset import to_uint8
-from pokesprite.diffusion.samplers import make_sampler
+from pokesprite.diffusion.samplers import gaussian, make_sampler
 from pokesprite.diffusion.schedule import PREDICTIONS, NoiseSchedule, check_prediction
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
@@ -31,7 +32,6 @@ from pokesprite.files import atomic_folder
 
 PIPELINE_FILE = "pipeline.pt"
 TEXT_DIR = "text_encoder"
-MAX_PROMPT_CHARS = 1000  # longer prompts are refused: the encoder reads at most text.max_tokens anyway
 
 
 class DrawingTimeout(TimeoutError):
@@ -82,12 +82,13 @@ class SpritePipeline:
             m.to(device)
         return self
 
-    def check_request(self, prompts, *, num_steps: int | None = None, guidance_scale: float | None = None,
-                      sampler: str | None = None) -> list[str]:
+    def check_request(self, prompts, *, seed: int = 0, num_steps: int | None = None,
+                      guidance_scale: float | None = None, sampler: str | None = None) -> list[str]:
         """The prompts as a list, after checking a request before any work: ValueError naming the problem.
 
-        Prompts are text ("" is the explicit unconditional prompt); steps within the schedule; guidance
-        a finite number >= 0; a known sampler.
+        Prompts are text ("" is the explicit unconditional prompt); the seed a whole number with every
+        sprite's seed (``seed + i``) in 0..MAX_SEED; steps within the schedule; guidance a finite
+        number >= 0; a known sampler.
         """
         from pokesprite.diffusion.samplers import SAMPLERS
 
@@ -101,6 +102,10 @@ class SpritePipeline:
                 raise ValueError(f"prompt {i} is {type(p).__name__} {p!r}, not text")
             if len(p) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt {i} is {len(p)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+        if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+                and 0 <= seed <= MAX_SEED - (len(prompts) - 1)):
+            raise ValueError(f"seed must be a whole number in 0..{MAX_SEED - (len(prompts) - 1)} "
+                             f"(sprite i is drawn with seed + i), got {seed!r}")
         if num_steps is not None and not (isinstance(num_steps, (int, np.integer)) and not isinstance(num_steps, bool)
                                           and 1 <= num_steps <= self.schedule.timesteps):
             raise ValueError(f"num_steps must be a whole number in 1..{self.schedule.timesteps}, got {num_steps!r}")
@@ -130,18 +135,22 @@ class SpritePipeline:
     def __call__(self, prompts: list[str], *, seed: int = 0, num_steps: int | None = None,
                  guidance_scale: float | None = None, sampler: str | None = None,
                  precision: str = "fp32", batch: int | None = None, deadline: float | None = None) -> np.ndarray:
-        """Draw one sprite per prompt: (N, 215, 215, 3) uint8. The same seed and prompts give the same sprites.
+        """Draw one sprite per prompt: (N, 215, 215, 3) uint8.
 
+        Sprite i is drawn with its own seed, ``seed + i``, from a noise generator of its own: it is the
+        same sprite whatever else the request holds (``seed=s + i`` with ``prompts[i]`` alone redraws
+        it; equal up to the last bits of float arithmetic, which batch size can change).
         ``num_steps``, ``guidance_scale`` and ``sampler`` default to ``self.sample``; the request is
         checked first (``check_request``). At most ``batch`` (default ``self.sample.batch``) sprites are
-        drawn at a time; batch k of a larger request is seeded with ``seed + k``. ``precision="bf16"``
+        drawn at a time. ``precision="bf16"``
         runs the U-Net and the decoder under bf16 autocast; the sampler's update stays fp32.
         ``deadline`` (a ``time.monotonic()`` value) stops the drawing with ``DrawingTimeout`` at the
         first step that starts after it.
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-        prompts = self.check_request(prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler)
+        prompts = self.check_request(prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
+                                     sampler=sampler)
         batch = batch or self.sample.batch
         scale = self.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
         steps = self.sample.steps if num_steps is None else int(num_steps)
@@ -150,19 +159,20 @@ class SpritePipeline:
         for m in modules:
             m.eval()
         try:
-            return np.concatenate([self._draw(prompts[i:i + batch], int(seed) + k, steps, scale,
+            return np.concatenate([self._draw(prompts[i:i + batch], int(seed) + i, steps, scale,
                                               sampler or self.sample.sampler, precision, deadline)
-                                   for k, i in enumerate(range(0, len(prompts), batch))])
+                                   for i in range(0, len(prompts), batch)])
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
 
     def _draw(self, prompts: list[str], seed: int, steps: int, scale: float, sampler: str,
               precision: str, deadline: float | None = None) -> np.ndarray:
+        """One batch; sprite j is seeded with ``seed + j``."""
         device, n = self.device, len(prompts)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
-        g = torch.Generator().manual_seed(seed)
+        g = [torch.Generator().manual_seed(seed + j) for j in range(n)]
         tok = self.text.tokenize(prompts, device)
         context, mask = self.text(**tok), tok["attention_mask"]  # (N, L, dim), (N, L)
         if scale != 1.0:
@@ -170,7 +180,7 @@ class SpritePipeline:
             uncond, uncond_mask = self.text(**empty), empty["attention_mask"]
         sampler_ = make_sampler(sampler, self.schedule, steps, self.latent_clamp, prediction=self.prediction)
         c, s = self.unet.cfg.latent_channels, self.vae.latent_size
-        x = torch.randn((n, c, s, s), generator=g).to(device)
+        x = gaussian((n, c, s, s), g).to(device)
         for i, t in enumerate(sampler_.timesteps):
             if deadline is not None and time.monotonic() > deadline:
                 raise DrawingTimeout(f"the request's time ran out at step {i + 1} of {len(sampler_.timesteps)}; "

@@ -12,6 +12,19 @@ import torch
 
 from pokesprite.diffusion.schedule import NoiseSchedule, check_prediction
 
+
+def gaussian(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (N, ...) on the CPU. ``generator`` is one generator for the
+    whole batch, or a list of N, one per row: row i is then what its own generator alone would give, so
+    a sprite's noise does not depend on the other sprites of its batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
 def spaced_timesteps(timesteps: int, num_steps: int) -> torch.Tensor:
     """``num_steps`` indices evenly spaced from T-1 down to 0, both ends included."""
     if not 1 <= num_steps <= timesteps:
@@ -56,13 +69,14 @@ class DDPMSampler(_Sampler):
         self.coef_xt = (1 - self.betas).sqrt() * (1 - ab_prev) / (1 - ab)
         self.variance = self.betas * (1 - ab_prev) / (1 - ab)
 
-    def step(self, output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
-        """One reverse step at position ``i`` of ``self.timesteps``: x_t -> x_prev."""
+    def step(self, output: torch.Tensor, i: int, x: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None):
+        """One reverse step at position ``i`` of ``self.timesteps``: x_t -> x_prev (``generator``: see ``gaussian``)."""
         x0 = self.predicted_x0(output, i, x)
         mean = self.coef_x0[i].to(x.dtype) * x0 + self.coef_xt[i].to(x.dtype) * x
         if self.is_last(i):
             return mean
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        noise = gaussian(x.shape, generator, x.dtype).to(x.device)
         return mean + self.variance[i].sqrt().to(x.dtype) * noise
 
 
@@ -75,13 +89,14 @@ class DDIMSampler(_Sampler):
         ab, ab_prev = self.alpha_bar, self.alpha_bar_prev
         self.sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
 
-    def step(self, output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None):
+    def step(self, output: torch.Tensor, i: int, x: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None):
         ab, ab_prev, sigma = (v[i].to(x.dtype) for v in (self.alpha_bar, self.alpha_bar_prev, self.sigma))
         x0 = self.predicted_x0(output, i, x)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise consistent with the clamped x0
         out = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if sigma > 0 and not self.is_last(i):
-            out = out + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            out = out + sigma * gaussian(x.shape, generator, x.dtype).to(x.device)
         return out
 
 

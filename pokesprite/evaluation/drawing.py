@@ -1,4 +1,5 @@
-"""How the evaluation draws sprites: the pipeline with the evaluation's sampler settings, seeded per batch."""
+"""How the evaluation draws sprites: the pipeline with the evaluation's sampler settings, sprite i seeded with
+``cfg.seed + i`` (the pipeline's own rule, so an evaluation sprite can be redrawn with ``pokesprite generate``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,12 +17,12 @@ def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig, *,
 
 def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str, *,
          guidance_scale: float | None = None) -> torch.Tensor:
-    """One sprite per prompt, batch b drawn with seed ``cfg.seed + b``: uint8 (N, 3, H, W)."""
+    """One sprite per prompt, sprite i drawn with seed ``cfg.seed + i``: uint8 (N, 3, H, W)."""
     from pokesprite.train.loop import progress
 
     out = []
     starts = range(0, len(prompts), cfg.batch_size)
-    for b, i in enumerate(progress(starts, desc=desc, leave=False)):
-        batch = sample(pipeline, prompts[i:i + cfg.batch_size], cfg.seed + b, cfg, guidance_scale=guidance_scale)
+    for i in progress(starts, desc=desc, leave=False):
+        batch = sample(pipeline, prompts[i:i + cfg.batch_size], cfg.seed + i, cfg, guidance_scale=guidance_scale)
         out.append(torch.from_numpy(batch))
     return torch.cat(out).permute(0, 3, 1, 2).contiguous()
