@@ -20,7 +20,7 @@ import numpy as np
 
 from pokesprite.diffusion.samplers import SAMPLERS
 from pokesprite.images import WHITE, key_background, parse_colour, save_image_atomic
-from pokesprite.pipeline import MAX_PROMPT_CHARS
+from pokesprite.config import MAX_PROMPT_CHARS, MAX_SEED
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check; before gradio is imported
 
@@ -61,9 +61,9 @@ def check_request(prompt, seed, steps, guidance, count, sampler, rgb, *, max_ste
             raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {value}.")
         return int(value) if isinstance(value, int) else int(float(value))
 
-    seed = whole(seed, "Seed", 0, 2**63 - 1)
-    steps = whole(steps, "Sampling steps", 1, max_steps)
     count = whole(count, "Number of sprites", 1, MAX_SPRITES)
+    seed = whole(seed, "Seed", 0, MAX_SEED - (count - 1))  # sprite i is drawn with seed + i
+    steps = whole(steps, "Sampling steps", 1, max_steps)
     try:
         ok = 0 <= float(guidance) <= MAX_GUIDANCE
     except (TypeError, ValueError):
@@ -112,6 +112,31 @@ def describe_model(uri: str) -> str:
     return f"{name} version {version}" + (f" (alias {', '.join(aliases)})" if aliases else "")
 
 
+def registry_hint(uri: str) -> str:
+    """What the store holds, for an error about ``uri``: the model's versions and aliases, or its models."""
+    import mlflow
+
+    fallback = ("Train and register a model first (make repro), or pass --model with another URI "
+                "(models:/pokesprite/2) or a pipeline folder.")
+    if not uri.startswith("models:/"):
+        return fallback
+    name = uri[len("models:/"):].partition("@")[0].partition("/")[0]
+    client = mlflow.MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except Exception:  # no such model (or no registry): name what there is
+        try:
+            names = sorted(m.name for m in client.search_registered_models())
+        except Exception:
+            return fallback
+        return (f"Registered models here: {', '.join(names)}." if names else
+                "Nothing is registered here yet: " + fallback[0].lower() + fallback[1:])
+    aliases = ", ".join(f"@{a} = version {v}" for a, v in sorted(registered.aliases.items())) or "none"
+    return (f"{name} has versions {', '.join(map(str, versions)) or 'none'}; aliases: {aliases} "
+            "(pokesprite models list shows them).")
+
+
 def load_studio(model: str, *, device: str | None = None, background=None) -> SpriteStudio:
     """Load ``model`` once: a saved pipeline folder, or an MLflow model URI from the project's store."""
     from pokesprite.stages import resolve_device
@@ -139,9 +164,7 @@ def load_studio(model: str, *, device: str | None = None, background=None) -> Sp
         loaded = mlflow.pyfunc.load_model(model, model_config={"device": device})
         label = describe_model(model)
     except Exception as e:  # MLflow raises several types for a missing model, version or alias
-        raise ServeError(f"cannot load --model {model} from {uri}: {e}\nTrain and register a model first "
-                         "(make repro), or pass --model with another URI (models:/pokesprite/2) or a "
-                         "pipeline folder.") from None
+        raise ServeError(f"cannot load --model {model} from {uri}: {e}\n{registry_hint(model)}") from None
     schema = loaded.metadata.get_params_schema()
     logged = {p.name: p.default for p in schema.params} if schema else {}
     # .to: versions logged before the model took a model_config load where MLflow's default put them
@@ -149,14 +172,17 @@ def load_studio(model: str, *, device: str | None = None, background=None) -> Sp
                         background=background or logged.get("background") or WHITE)
 
 
-def save_sprites(images: list[np.ndarray], req: Request, out_dir: Path) -> list[Path]:
-    """Write the sprites as PNGs into a fresh folder under ``out_dir``, plus a zip of them."""
+def save_sprites(images: list[np.ndarray], req: Request, out_dir: Path, *, model: str = "") -> list[Path]:
+    """Write the sprites as PNGs named by their seeds into a fresh folder under ``out_dir``, plus a zip of
+    them; each PNG's text notes hold its prompt, seed, ``model`` and sampler settings."""
     from PIL import Image
 
     folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=out_dir))
-    paths = [folder / f"sprite_{req.seed}_{i:02d}.png" for i in range(len(images))]
-    for img, path in zip(images, paths):
-        save_image_atomic(Image.fromarray(img), path)
+    paths = [folder / f"sprite_{req.seed + i}.png" for i in range(len(images))]
+    for i, (img, path) in enumerate(zip(images, paths)):
+        save_image_atomic(Image.fromarray(img), path, text={
+            "prompt": req.prompt, "seed": req.seed + i, "model": model, "sampler": req.sampler,
+            "steps": req.steps, "guidance": f"{req.guidance:g}", "Software": "pokesprite"})
     archive = folder / f"sprites_{req.seed}.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for path in paths:
@@ -176,18 +202,19 @@ def build_app(studio: SpriteStudio, *, out_dir: Path):
         except ValueError as e:
             return [], None, f"**Cannot draw:** {e}"
         start = time.perf_counter()
-        files = save_sprites(studio.draw(req), req, out_dir)
+        files = save_sprites(studio.draw(req), req, out_dir, model=studio.label)
         pngs = [str(p) for p in files if p.suffix == ".png"]
         kind = "RGB" if req.rgb else "transparent (RGBA)"
         notes = "".join(f"\n\n**Note:** the prompt {note.split(' ', 2)[2]}." for note in
                         studio.pipeline.truncation_notes([req.prompt]))  # "prompt 0 is ..." -> "the prompt is ..."
-        return pngs, [str(p) for p in files], (f"Drew {len(pngs)} {kind} sprite(s) of \"{req.prompt}\" with seed "
-                                              f"{req.seed}, {req.steps} {req.sampler} steps, guidance "
+        seeds = f"{req.seed}-{req.seed + req.count - 1}"
+        return pngs, [str(p) for p in files], (f"Drew {len(pngs)} {kind} sprite(s) of \"{req.prompt}\" with seeds "
+                                              f"{seeds}, {req.steps} {req.sampler} steps, guidance "
                                               f"{req.guidance:g} in {time.perf_counter() - start:.1f} s.{notes}")
 
     with gr.Blocks(title="pokesprite", analytics_enabled=False) as app:
-        gr.Markdown(f"# pokesprite\nServing **{studio.label}**. The same prompt and seed give the same sprites.",
-                    elem_id="model-info")
+        gr.Markdown(f"# pokesprite\nServing **{studio.label}**. Sprite i is drawn with seed + i: the same "
+                    "prompt and seed give the same sprite, however many are drawn.", elem_id="model-info")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",

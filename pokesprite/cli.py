@@ -6,6 +6,7 @@
     pokesprite generate PROMPT ...      draw sprites with a registered model (RGBA PNGs; --rgb)
     pokesprite serve [--model URI|DIR]  a web page to draw sprites (Gradio, http://127.0.0.1:7860)
     pokesprite models list              registered versions, their aliases and evaluation metrics
+    pokesprite models promote VERSION   make a version the champion by hand
     pokesprite exp show                 DVC experiments: changed params and headline metrics, <= 120 columns
     pokesprite metrics show             the workspace's headline metrics against HEAD
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +37,10 @@ def cmd_data_stats(args) -> int:
     from pokesprite.models.text import load_tokenizer
 
     params = load_params(args.params)
+    if not Path(args.data).exists():
+        print(f"error: {args.data}/ does not exist: import the dataset first (pokesprite data import, or make data), "
+              "or fetch it from the DVC remote (dvc pull data.dvc)", file=sys.stderr)
+        return 2
     records = scan(Path(args.data))
     captions = [clean_caption(r.caption) for r in records]
     splits = split_numbers([r.number for r in records], params.data.split, params.seed)
@@ -160,7 +166,8 @@ def cmd_train(args) -> int:
 
 
 def check_generate_args(args) -> str | None:
-    """What is wrong with a ``generate`` request, checked before the model loads (None: nothing).
+    """What is wrong with a ``generate`` request, checked before torch, MLflow or the model load (None:
+    nothing).
 
     Limits come from ``diffusion.sample`` of ./params.yaml when it loads (else the defaults): a
     half-edited params.yaml does not stop drawing from a registered model, which checks the request
@@ -168,8 +175,8 @@ def check_generate_args(args) -> str | None:
     """
     import math
 
-    from pokesprite.config import ConfigError, SampleConfig, ScheduleConfig, load_params, sampler_names
-    from pokesprite.pipeline import MAX_PROMPT_CHARS
+    from pokesprite.config import (MAX_PROMPT_CHARS, MAX_SEED, ConfigError, SampleConfig, ScheduleConfig,
+                                   load_params, sampler_names)
 
     try:
         params = load_params("params.yaml") if Path("params.yaml").is_file() else None
@@ -183,6 +190,8 @@ def check_generate_args(args) -> str | None:
         return f"the prompt is {len(args.prompt)} characters long; at most {MAX_PROMPT_CHARS} are accepted"
     if not 1 <= args.n <= sample.max_sprites:
         return f"-n {args.n}: draw 1..{sample.max_sprites} sprites at a time (diffusion.sample.max_sprites)"
+    if not 0 <= args.seed <= MAX_SEED - (args.n - 1):
+        return f"--seed {args.seed}: must be in 0..{MAX_SEED - (args.n - 1)} (sprite i is drawn with seed + i)"
     if args.steps is not None and not 1 <= args.steps <= timesteps:
         return f"--steps {args.steps}: must be in 1..{timesteps}"
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
@@ -195,51 +204,77 @@ def check_generate_args(args) -> str | None:
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"-o {out}: cannot write in {parent}"
-    try:  # access() says yes to root everywhere: making the folder is the real check
+    missing = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:  # access() says yes to root everywhere: making the folder is the real check ...
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"-o {out}: cannot make the folder ({e.strerror})"
+    for p in missing:  # ... and it is made again once there are sprites to write
+        p.rmdir()
     return None
 
 
-def cmd_generate(args) -> int:
-    import mlflow
+def sprite_path(folder: Path, prompt: str, seed: int) -> Path:
+    """``<first words of the prompt>_<seed>.png`` in ``folder``, never a file that exists: the same
+    prompt and seed drawn again (another model, other settings) gets ``_<seed>-2.png``, ``-3``, ..."""
+    import unicodedata
 
-    from pokesprite.tracking import configure_mlflow
-    from pokesprite.images import WHITE, key_background, parse_colour, save_image_atomic
-    from PIL import Image
+    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()  # "é" -> "e"
+    stem = ""
+    for word in re.findall(r"[a-z0-9]+", text):  # whole words, at most 40 characters
+        candidate = f"{stem}-{word}" if stem else word[:40]
+        if len(candidate) > 40:
+            break
+        stem = candidate
+    stem = stem or "sprite"
+    path, k = folder / f"{stem}_{seed}.png", 2
+    while path.exists():
+        path, k = folder / f"{stem}_{seed}-{k}.png", k + 1
+    return path
+
+
+def cmd_generate(args) -> int:
+    from pokesprite.images import key_background, parse_colour, save_image_atomic
 
     background = parse_colour(args.background, name="--background") if args.background else None
-    problem = check_generate_args(args)  # before loading the model
+    problem = check_generate_args(args)  # before torch, MLflow and the model load
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    configure_mlflow(create=False)
+    from PIL import Image
+
+    from pokesprite.app import ServeError, load_studio
+
     try:
-        model = mlflow.pyfunc.load_model(args.model)
-    except Exception as e:  # MLflow raises several types for a missing model or alias
-        found = ": refused:" in str(e) or "not a readable checkpoint" in str(e)  # a file that is there
-        print(f"error: cannot load {args.model} from {mlflow.get_tracking_uri()}: {e}" + (
-              "" if found else "\nTrain and register a model first (make repro), or pass --model URI."),
-              file=sys.stderr)
+        studio = load_studio(args.model, device=args.device, background=background)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    if background is None:  # the colour the model was trained on, as logged (white for older versions)
-        schema = model.metadata.get_params_schema()
-        logged = {p.name: p.default for p in schema.params} if schema else {}
-        background = parse_colour(logged.get("background") or WHITE)
-    params = {"seed": args.seed, "num_steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler}
-    try:
-        images = model.predict([args.prompt] * args.n, params={k: v for k, v in params.items() if v is not None})
-    except mlflow.exceptions.MlflowException as e:
-        if e.error_code != "INVALID_PARAMETER_VALUE":
-            raise
-        print(f"error: {args.model}: {e.message}", file=sys.stderr)  # over this model's own limits
+    pipe = studio.pipeline
+    if args.n > pipe.sample.max_sprites:  # this model's own limit, which ./params.yaml may not know
+        print(f"error: -n {args.n}: {studio.label} draws at most {pipe.sample.max_sprites} sprites per request",
+              file=sys.stderr)
         return 2
+    for note in pipe.truncation_notes([args.prompt]):  # drawn anyway, from the first tokens
+        print(f"warning: {note.replace('prompt 0', 'the prompt', 1)}", file=sys.stderr)
+    images = pipe([args.prompt] * args.n, seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance,
+                  sampler=args.sampler)
+    sampler = args.sampler or pipe.sample.sampler
+    steps = args.steps or pipe.sample.steps
+    guidance = pipe.sample.guidance_scale if args.guidance is None else args.guidance
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty folder behind
     for i, img in enumerate(images):
-        path = out / f"sprite_{args.seed}_{i:02d}.png"
-        save_image_atomic(Image.fromarray(img if args.rgb else key_background(img, background)), path)
+        seed = args.seed + i
+        notes = {"prompt": args.prompt, "seed": seed, "model": studio.label, "sampler": sampler, "steps": steps,
+                 "guidance": f"{guidance:g}", "Software": "pokesprite"}
+        path = sprite_path(out, args.prompt, seed)
+        save_image_atomic(Image.fromarray(img if args.rgb else key_background(img, studio.background)), path,
+                          text=notes)
         print(path)
+    print(f"drew {len(images)} sprite(s) with {studio.label}: seeds {args.seed}..{args.seed + len(images) - 1}, "
+          f"{steps} {sampler} steps, guidance {guidance:g} (each PNG's text notes hold its prompt and settings)",
+          file=sys.stderr)
     return 0
 
 
@@ -256,6 +291,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _registered_model_missing(name: str, e) -> str:
+    """The error for a ``--name`` that is not registered, naming the models that are."""
+    import mlflow
+
+    try:
+        names = sorted(m.name for m in mlflow.MlflowClient().search_registered_models())
+    except Exception:
+        names = []
+    where = f"no registered model {name!r} in {mlflow.get_tracking_uri()} ({e.error_code})"
+    if names:
+        return f"{where}; registered here: {', '.join(names)}"
+    return f"{where}.\nRun the pipeline first (make repro)."
+
+
 def cmd_models_list(args) -> int:
     import mlflow
 
@@ -266,26 +315,65 @@ def cmd_models_list(args) -> int:
     try:
         rows = list_versions(args.name)
     except mlflow.exceptions.MlflowException as e:
-        print(f"error: no registered model {args.name!r} in {mlflow.get_tracking_uri()} ({e.error_code}).\n"
-              "Run the pipeline first (make repro).", file=sys.stderr)
+        print(f"error: {_registered_model_missing(args.name, e)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(format_versions(rows, args.metrics.split(",")))
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    known = sorted({m for r in rows for m in r["metrics"]})
+    unknown = [m for m in metrics if known and m not in known]
+    if unknown:
+        print(f"error: --metrics {','.join(unknown)}: no version has {'it' if len(unknown) == 1 else 'them'}; "
+              f"choose from {', '.join(known)}", file=sys.stderr)
+        return 2
+    print(format_versions(rows, metrics))
+    protocols = {r["eval_protocol"]: r["eval_protocol_desc"] for r in rows if r["eval_protocol"]}
+    for fingerprint, description in protocols.items():
+        print(f"protocol {fingerprint[:6]}: {description}")
+    if len(protocols) > 1 or (protocols and any(not r["eval_protocol"] for r in rows)):
+        print("Metrics measured under different protocols do not compare; the promotion rule compares only "
+              "within one.")
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    import mlflow
+
+    from pokesprite.registry import promote
+    from pokesprite.tracking import configure_mlflow
+
+    configure_mlflow(create=False)
+    try:
+        done = promote(args.name, args.version)
+    except mlflow.exceptions.MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(e.error_code):
+            raise
+        from pokesprite.app import registry_hint
+
+        print(f"error: no version {args.version} of {args.name!r}: {registry_hint(f'models:/{args.name}')}",
+              file=sys.stderr)
+        return 1
+    if done["replaced"] is None and done["version"] == args.version:
+        print(f"{args.name} version {args.version} is the champion")
+    else:
+        print(f"{args.name} version {args.version} is now the champion (was version {done['replaced']})")
     return 0
 
 
 def format_versions(rows: list[dict], metrics: list[str]) -> str:
-    """The registered versions as a plain-text table, newest first."""
+    """The registered versions as a plain-text table, newest first: aliases, metrics, the evaluation
+    protocol's fingerprint (metrics compare only under one) and the commit (``*``: uncommitted changes)."""
     import datetime as dt
 
-    head = ["version", "aliases", "created", *metrics, "commit"]
+    head = ["version", "aliases", "created", *metrics, "protocol", "commit"]
     table = [head]
     for r in rows:
         created = dt.datetime.fromtimestamp(r["created"] / 1000).strftime("%Y-%m-%d %H:%M") if r["created"] else ""
         values = [f"{r['metrics'][m]:.4g}" if m in r["metrics"] else "-" for m in metrics]
-        table.append([str(r["version"]), ",".join(r["aliases"]) or "-", created, *values, r["git_commit"][:8] or "-"])
+        commit = (r["git_commit"][:8] or "-") + ("*" if r.get("git_dirty") == "true" else "")
+        table.append([str(r["version"]), ",".join(r["aliases"]) or "-", created, *values,
+                      r.get("eval_protocol", "")[:6] or "-", commit])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
@@ -340,19 +428,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "(for a machine without the project's MLflow store)")
     tr.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="draw sprites from a text prompt with a registered model")
+    gen = sub.add_parser("generate", help="draw sprites from a text prompt with a registered model",
+                         description="Draw sprites of one prompt as PNGs (RGBA: the background keyed to "
+                                     "transparency). Each PNG's text notes record its prompt, seed, model and "
+                                     "sampler settings.")
     gen.add_argument("prompt", help='what to draw, e.g. "a small green creature with a bulb on its back"')
-    gen.add_argument("-n", type=int, default=4, help="number of sprites (default: 4)")
+    gen.add_argument("-n", type=int, default=4,
+                     help="number of sprites, 1..diffusion.sample.max_sprites (64) (default: 4)")
     gen.add_argument("--seed", type=int, default=0,
-                     help="random seed (default: 0); the same seed gives the same sprites")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's own)")
+                     help="seed of the first sprite; sprite i is drawn with seed + i, so -n 1 --seed 5 redraws "
+                          "the sixth sprite of -n 8 --seed 0 (default: 0)")
+    gen.add_argument("--steps", type=int, help="sampling steps, 1..1000 (default: the model's own)")
     gen.add_argument("--guidance", type=float,
                      help="classifier-free guidance scale, 1 = none (default: the model's own)")
     gen.add_argument("--sampler", help="a sampler of pokesprite.diffusion.samplers, e.g. ddim (default: the "
                      "model's own)")
-    gen.add_argument("-o", "--out", default="out", help="output folder (default: out/)")
+    gen.add_argument("-o", "--out", default="out",
+                     help="output folder (default: out/); files are named <prompt's first words>_<seed>.png and "
+                          "never overwritten")
     gen.add_argument("--model", default="models:/pokesprite@champion",
-                     help="MLflow model URI (default: models:/pokesprite@champion)")
+                     help="MLflow model URI (models:/pokesprite/2, models:/pokesprite@challenger) or a saved "
+                          "pipeline folder, e.g. outputs/finetune/model (default: models:/pokesprite@champion)")
+    gen.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
     gen.add_argument("--rgb", action="store_true",
                      help="save RGB PNGs on the background (default: RGBA, the background keyed to transparency)")
     gen.add_argument("--background", help="the colour the model draws on, made transparent: '#rrggbb' or 'R,G,B' "
@@ -379,9 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "git commit, newest first. The champion is the version users load "
                                        "(models:/pokesprite@champion).")
     ls.add_argument("--name", default="pokesprite", help="registered model name (default: pokesprite)")
-    ls.add_argument("--metrics", default=DEFAULT_LIST_METRICS, help="comma-separated metric columns")
-    ls.add_argument("--json", action="store_true", help="print the versions as JSON")
+    ls.add_argument("--metrics", default=DEFAULT_LIST_METRICS,
+                    help=f"comma-separated metric columns (default: {DEFAULT_LIST_METRICS})")
+    ls.add_argument("--json", action="store_true",
+                    help="print the versions as JSON, with every metric, tag and the promotion decision")
     ls.set_defaults(func=cmd_models_list)
+    pr = models.add_parser("promote", help="make a version the champion by hand",
+                           description="Give VERSION the champion alias (what generate, serve and "
+                                       "models:/pokesprite@champion load), whatever the promotion rule said: "
+                                       "e.g. after the evaluation protocol changed, when versions are not "
+                                       "compared automatically.")
+    pr.add_argument("version", type=int, help="the version number (pokesprite models list)")
+    pr.add_argument("--name", default="pokesprite", help="registered model name (default: pokesprite)")
+    pr.set_defaults(func=cmd_models_promote)
     from pokesprite.experiments import add_parsers as add_experiment_parsers
 
     add_experiment_parsers(sub)
@@ -399,18 +506,20 @@ def main(argv=None) -> int:
     if getattr(args, "n", 1) < 1:
         print("error: -n must be at least 1", file=sys.stderr)
         return 2
-    from pokesprite.config import ConfigError
-    from pokesprite.data.raw import DatasetError
-    from pokesprite.train.stability import TrainingDiverged
-
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except Exception as e:  # the error types are imported only now: a quick refusal needs no torch
+        from pokesprite.config import ConfigError
+        from pokesprite.data.raw import DatasetError
+        from pokesprite.train.stability import TrainingDiverged
+
+        if isinstance(e, (ConfigError, DatasetError, FileNotFoundError, ValueError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, TrainingDiverged):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

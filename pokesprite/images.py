@@ -99,11 +99,21 @@ def png_base64(image: np.ndarray | Image.Image) -> str:
     return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    """Write ``image`` to ``path`` (its format from the extension) through ``files.atomic_file``."""
+def save_image_atomic(image: Image.Image, path: Path, *, text: dict[str, str] | None = None) -> None:
+    """Write ``image`` to ``path`` (its format from the extension) through ``files.atomic_file``;
+    ``text``: key-value notes stored in a PNG's tEXt chunks (what drew it), read back by ``Image.open(p).text``."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image file extension {path.suffix!r}")
+    if text and fmt != "PNG":
+        raise ValueError(f"{path}: text notes are written into PNGs only")
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
     with atomic_file(path) as f:
-        image.save(f, format=fmt)
+        image.save(f, format=fmt, **({"pnginfo": info} if info else {}))

@@ -309,11 +309,33 @@ def test_generate_writes_rgba_pngs_with_normal_permissions_or_rgb(registry, tmp_
     finally:
         os.umask(old)
     files = sorted((tmp_path / "rgba").iterdir())
-    assert [p.name for p in files] == ["sprite_1_00.png", "sprite_1_01.png"]
+    stem = "a-small-green-creature-with-a-bulb-on"  # the prompt's first words, at most 40 characters
+    assert [p.name for p in files] == [f"{stem}_1.png", f"{stem}_2.png"]  # sprite i has seed 1 + i
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
-    rgba, rgb = Image.open(files[0]), Image.open(tmp_path / "rgb" / "sprite_1_00.png")
+    rgba, rgb = Image.open(files[0]), Image.open(tmp_path / "rgb" / f"{stem}_1.png")
     assert rgba.mode == "RGBA" and rgb.mode == "RGB" and rgba.size == rgb.size == (215, 215)
     assert np.array_equal(np.asarray(rgba), key_background(np.asarray(rgb)))
+    # what drew each sprite is in its PNG (the registered test pipeline's sampling settings)
+    assert Image.open(files[1]).text == {"prompt": PROMPT, "seed": "2", "model": f"{NAME} version 1 (alias champion)",
+                                         "sampler": "ddim", "steps": "2", "guidance": "2", "Software": "pokesprite"}
+
+
+def test_generate_never_overwrites_and_redraws_one_sprite_by_its_seed(registry, tmp_path, capsys):
+    from pokesprite.cli import main
+
+    out, model = tmp_path / "out", f"models:/{NAME}@champion"
+    stem = "a-small-green-creature-with-a-bulb-on"
+    assert main(["generate", PROMPT, "-n", "3", "--seed", "4", "--model", model, "-o", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == [f"{stem}_4.png", f"{stem}_5.png", f"{stem}_6.png"]
+    capsys.readouterr()
+    assert main(["generate", PROMPT, "-n", "1", "--seed", "5", "--steps", "3", "--model", model, "-o", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / f"{stem}_5-2.png")]  # the same name taken: a new one
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in first} == first  # nothing overwritten
+    assert Image.open(out / f"{stem}_5-2.png").text["steps"] == "3"
+    assert main(["generate", PROMPT, "-n", "1", "--seed", "5", "--model", model, "-o", str(out)]) == 0
+    redrawn, original = (np.asarray(Image.open(out / n)).astype(int) for n in (f"{stem}_5-3.png", f"{stem}_5.png"))
+    assert np.abs(redrawn - original).max() <= 1  # sprite 1 of seed 4 is seed 5's sprite, alone
 
 
 def test_generate_is_not_stopped_by_a_broken_params_yaml_and_keeps_to_the_models_limits(
@@ -331,8 +353,8 @@ def test_generate_is_not_stopped_by_a_broken_params_yaml_and_keeps_to_the_models
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     capsys.readouterr()
     assert main(["generate", PROMPT, "--model", f"models:/{NAME}@champion", "-n", "70", "-o", "b"]) == 2
-    assert "70 prompts: this model draws at most 64 sprites per request" in capsys.readouterr().err
-    assert not any((tmp_path / "b").iterdir())
+    assert f"-n 70: {NAME} version 1 (alias champion) draws at most 64 sprites per request" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before any folder was made
 
 
 def test_long_prompts_are_refused_or_noted_and_a_deadline_stops_the_drawing(pipeline_dir):
@@ -417,7 +439,7 @@ def test_page_draws_transparent_sprites_from_a_pipeline_folder(pipeline_dir, chr
             assert all(im.format == "PNG" and im.mode == "RGBA" and im.size == (215, 215) for im in served)
             links = page.locator("#downloads a")
             names = sorted(Path(links.nth(i).get_attribute("href")).name for i in range(links.count()))
-            assert names == ["sprite_5_00.png", "sprite_5_01.png", "sprite_5_02.png", "sprites_5.zip"]
+            assert names == ["sprite_5.png", "sprite_6.png", "sprite_7.png", "sprites_5.zip"]  # named by seed
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
             if os.environ.get("POKESPRITE_UPDATE_SCREENSHOT") == "1":
                 SCREENSHOT.parent.mkdir(exist_ok=True)

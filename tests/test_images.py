@@ -150,6 +150,8 @@ def test_atomic_save_gives_normal_permissions_and_leaves_no_temporary_file(tmp_p
     (["--guidance", "nan"], "--guidance nan: must be a finite number"),
     (["--sampler", "euler"], "choose one of ddpm, ddim"),
     (["-o", "FILE"], "exists and is not a folder"), (["-o", "/proc/pokesprite_out"], "-o /proc/pokesprite_out: cannot"),
+    (["--seed", "-1"], "--seed -1: must be in 0..9223372036854775804 (sprite i is drawn with seed + i)"),
+    (["--seed", str(2**63 - 1)], f"--seed {2**63 - 1}: must be in 0..9223372036854775804"),
 ])
 def test_generate_checks_its_request_before_loading_a_model(tmp_path, monkeypatch, capsys, argv, words):
     """No model exists here: each mistake must be reported first, with exit code 2."""
@@ -157,8 +159,9 @@ def test_generate_checks_its_request_before_loading_a_model(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "FILE").write_text("not a folder")
-    assert main(["generate", "a red bird", "--model", "models:/none@champion", *argv]) == 2
+    assert main(["generate", "a red bird", "--model", "models:/none@champion", "-o", "new/out", *argv]) == 2
     assert words in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # a refused request leaves no folder behind
 
 
 def test_generate_refuses_an_empty_prompt(tmp_path, monkeypatch, capsys):
