@@ -254,11 +254,30 @@ def beats(candidate: dict, champion: dict | None, *, alignment_tolerance: float)
     align = float(candidate["independent_r_precision"])
     champ_align = float(champion.get("independent_r_precision", float("-inf")))
     if kid >= champ_kid:
-        return False, f"KID {kid:.4f} is not below the champion's {champ_kid:.4f}"
+        return False, f"KID {kid:.6g} is not below the champion's {champ_kid:.6g}"
     if align < champ_align - alignment_tolerance:
-        return False, (f"KID {kid:.4f} < {champ_kid:.4f}, but text alignment {align:.3f} is more than "
+        return False, (f"KID {kid:.6g} < {champ_kid:.6g}, but text alignment {align:.3f} is more than "
                        f"{alignment_tolerance} below the champion's {champ_align:.3f}")
-    return True, f"KID {kid:.4f} < {champ_kid:.4f} and text alignment {align:.3f} vs {champ_align:.3f}"
+    return True, f"KID {kid:.6g} < {champ_kid:.6g} and text alignment {align:.3f} vs {champ_align:.3f}"
+
+
+PROTOCOL_TAG = "eval_protocol"  # fingerprint of how a version was evaluated (evaluation.evaluate.protocol)
+PROTOCOL_DESC_TAG = "eval_protocol_desc"
+
+
+def protocol_mismatch(protocol: dict | None, champion) -> str | None:
+    """Why ``champion``'s metrics cannot be compared with those of a version evaluated under ``protocol``
+    (``{"fingerprint": ..., "description": ...}``), or None when they can: KID and R-precision
+    measured on other captions, sampler settings or KID subsets are other numbers."""
+    mine = (protocol or {}).get("fingerprint")
+    tags = champion.tags or {}
+    theirs = tags.get(PROTOCOL_TAG)
+    if mine == theirs:
+        return None
+    how = f"another protocol ({tags.get(PROTOCOL_DESC_TAG, theirs)})" if theirs else "an unrecorded protocol"
+    this = (protocol or {}).get("description", "unrecorded")
+    return (f"not compared: champion version {champion.version} was evaluated under {how}, this version under "
+            f"{this}; `pokesprite models promote VERSION` makes a version the champion")
 
 
 def version_metrics(version) -> dict[str, float]:
@@ -306,12 +325,15 @@ def registered_by_earlier_attempt(name: str, lineage: dict):
 
 
 def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: dict, *,
-                       alignment_tolerance: float, background: tuple[int, int, int]) -> dict:
+                       alignment_tolerance: float, background: tuple[int, int, int],
+                       protocol: dict | None = None) -> dict:
     """Log and register the pipeline in the active run, tag it, and give it ``champion`` or ``challenger``.
 
     ``background`` is the colour the sprites were composited onto for training (``data.background``):
-    the served model keys it to transparency. A retry of the same Prefect flow run (``RETRY_TAG`` in
-    ``lineage``) finishes the version its earlier attempt registered instead of adding another."""
+    the served model keys it to transparency. ``protocol`` (``{"fingerprint", "description"}``) says
+    how the metrics were measured: a champion measured otherwise is not compared (``protocol_mismatch``)
+    and keeps its alias. A retry of the same Prefect flow run (``RETRY_TAG`` in ``lineage``) finishes
+    the version its earlier attempt registered instead of adding another."""
     client = mlflow.MlflowClient()
     champion = current_champion(name)  # before this version exists
     earlier = registered_by_earlier_attempt(name, lineage)
@@ -326,16 +348,38 @@ def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: di
         info = log_model(pipeline_dir, background=background)
         version = str(mlflow.register_model(info.model_uri, name, tags=lineage).version)  # lineage from the start
     for k, v in metrics.items():
-        if isinstance(v, (int, float)):
-            client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", f"{float(v):.6g}")
-    promote, why = beats(metrics, version_metrics(champion) if champion else None,
-                         alignment_tolerance=alignment_tolerance)
+        if isinstance(v, (int, float)):  # repr: the exact float, so that a tie compares as a tie
+            client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", repr(float(v)))
+    if protocol:
+        client.set_model_version_tag(name, version, PROTOCOL_TAG, protocol["fingerprint"])
+        client.set_model_version_tag(name, version, PROTOCOL_DESC_TAG, protocol["description"])
+    champion_metrics = version_metrics(champion) if champion else None
+    mismatch = protocol_mismatch(protocol, champion) if champion_metrics and "kid" in champion_metrics else None
+    promote, why = (False, mismatch) if mismatch else beats(metrics, champion_metrics,
+                                                            alignment_tolerance=alignment_tolerance)
     alias = CHAMPION if promote else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", why)
     if champion is not None and promote:
         client.set_model_version_tag(name, str(champion.version), "replaced_by", version)
     return {"version": int(version), "alias": alias, "reason": why}
+
+
+def promote(name: str, version: int) -> dict:
+    """Give ``version`` the champion alias by hand (the promotion rule aside), noting it on the version;
+    returns {"version", "replaced"}: the version that held the alias, or None."""
+    client = mlflow.MlflowClient()
+    target = client.get_model_version(name, str(version))  # raises for a missing version
+    old = current_champion(name)
+    if old is not None and str(old.version) == str(target.version):
+        return {"version": int(version), "replaced": None}
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if (client.get_registered_model(name).aliases or {}).get(CHALLENGER) == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, str(version), "promotion", "promoted by hand (pokesprite models promote)")
+    if old is not None:
+        client.set_model_version_tag(name, str(old.version), "replaced_by", str(version))
+    return {"version": int(version), "replaced": int(old.version) if old is not None else None}
 
 
 def list_versions(name: str) -> list[dict]:
@@ -349,5 +393,8 @@ def list_versions(name: str) -> list[dict]:
         rows.append({"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
                      "created": v.creation_timestamp, "metrics": version_metrics(v),
                      "git_commit": (v.tags or {}).get("git_commit", ""),
+                     "git_dirty": (v.tags or {}).get("git_dirty", ""),
+                     "eval_protocol": (v.tags or {}).get(PROTOCOL_TAG, ""),
+                     "eval_protocol_desc": (v.tags or {}).get(PROTOCOL_DESC_TAG, ""),
                      "promotion": (v.tags or {}).get("promotion", ""), "run_id": v.run_id})
     return sorted(rows, key=lambda r: -r["version"])

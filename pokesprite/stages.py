@@ -469,7 +469,7 @@ def run_evaluate(params: Params, *, root: str | Path = ".", out: str | Path | No
                                               lineage_tags(layout.root, {**(tags or {}), **changed},
                                                            running="evaluate"),
                                               alignment_tolerance=params.evaluate.alignment_tolerance,
-                                              background=params.data.background)
+                                              background=params.data.background, protocol=result.protocol)
             log.info("registered %s version %d as %s: %s", params.mlflow.registered_model, decision["version"],
                      decision["alias"], decision["reason"])
             facts = {"registered_version": decision["version"], "promoted": int(decision["alias"] == "champion")}

@@ -74,7 +74,7 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     for stage in TRAINING:
         header = (root / "plots" / f"{stage}.csv").read_text().splitlines()[0].split(",")
         assert header[0] == "epoch" and "val_loss" in header, (stage, header)
-    assert Image.open(root / "plots/sample_grid.png").size[0] == 2 * 160  # two seeds
+    assert Image.open(root / "plots/sample_grid.png").size[0] == 2 * 215  # two seeds, sprites at their own size
 
 
 def test_dvc_metrics_and_plots_show(project):
@@ -140,9 +140,10 @@ def test_mlflow_has_one_run_per_stage_and_a_champion(project):
     assert tags["git_commit"] == run(["git", "rev-parse", "HEAD"], root, os.environ).stdout.strip()
     assert tags["git_dirty"] == "false"  # dvc.lock, metrics/ and plots/ changed, but they are the run's own
     assert tags["prefect_flow_run_id"] == by_stage["evaluate"].data.tags["prefect_flow_run_id"]
-    assert float(tags["metric.kid"]) == pytest.approx(json.loads((root / "metrics/evaluate.json").read_text())["kid"],
-                                                      rel=1e-5)
+    assert float(tags["metric.kid"]) == json.loads((root / "metrics/evaluate.json").read_text())["kid"]  # exact
     assert tags["promotion"] == "no evaluated champion yet"
+    assert re.fullmatch(r"[0-9a-f]{12}", tags["eval_protocol"])
+    assert tags["eval_protocol_desc"].startswith("3 held-out captions ") and "vs 16 real" in tags["eval_protocol_desc"]
 
 
 def test_models_list_prints_versions_aliases_and_metrics(project):
@@ -151,8 +152,15 @@ def test_models_list_prints_versions_aliases_and_metrics(project):
     head, rule, first = out.splitlines()[:3]
     assert head.split()[:4] == ["version", "aliases", "created", "fid"] and set(rule) <= {"-", " "}
     assert first.split()[0] in ("1", "2") and "champion" in out
+    assert head.split()[-2:] == ["protocol", "commit"] and re.search(r"^protocol [0-9a-f]{6}: 3 held-out captions", out,
+                                                                       re.M)
     missing = run([sys.executable, "-m", "pokesprite.cli", "models", "list", "--name", "nope"], root, env, check=False)
     assert missing.returncode == 1 and "no registered model 'nope'" in missing.stderr
+    assert "registered here: pokesprite" in missing.stderr
+    typo = run([sys.executable, "-m", "pokesprite.cli", "models", "list", "--metrics", "kid,psnr"], root, env,
+               check=False)
+    assert typo.returncode == 2 and "--metrics psnr: no version has it; choose from " in typo.stderr
+    assert "recon_psnr" in typo.stderr
 
 
 def test_registered_model_loads_and_draws_in_a_new_process(project, tmp_path):
@@ -192,7 +200,11 @@ def test_generate_cli_writes_reproducible_pngs(project):
         assert Image.open(p).size == (215, 215)
         assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(root / "b" / p.name)))
     missing = run(cmd + ["--model", "models:/no-such-model@champion"], root, env, check=False)
-    assert missing.returncode == 1 and "cannot load models:/no-such-model@champion" in missing.stderr
+    assert missing.returncode == 1 and "cannot load --model models:/no-such-model@champion" in missing.stderr
+    assert "Registered models here: pokesprite." in missing.stderr
+    typo = run(cmd + ["--model", "models:/pokesprite@champoin"], root, env, check=False)
+    assert typo.returncode == 1 and re.search(r"pokesprite has versions 1(, \d+)*; aliases: @champion = version \d",
+                                              typo.stderr), typo.stderr
 
 
 def test_dvc_exp_run_with_a_changed_param(project):
@@ -226,7 +238,7 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
 
     from pokesprite.registry import CHAMPION, current_champion, register_evaluated
 
-    root, _, _ = project
+    root, env, _ = project
     client = mlflow_client(root)
     mlflow.set_registry_uri(mlflow.get_tracking_uri())
     name = "promotion-test"
@@ -267,6 +279,36 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
     assert client.get_model_version(name, str(worse["version"])).tags["metric.kid"] == "0.5"
     aliases = client.get_registered_model(name).aliases
     assert int(aliases["challenger"]) == worse["version"] and int(aliases[CHAMPION]) == better["version"]
+
+    # Exact metrics: the same KID again is a tie, which keeps the champion (a rounded tag once made it win).
+    kid = 0.4070195677542847
+    protocol_a = {"fingerprint": "aaaaaaaaaaaa", "description": "64 captions, ddim 10 steps"}
+    protocol_b = {"fingerprint": "bbbbbbbbbbbb", "description": "180 captions, ddpm 50 steps"}
+    with mlflow.start_run(run_name="protocol-test"):
+        first = register_evaluated(model_dir, "protocol-test", {"kid": kid, "independent_r_precision": 0.1},
+                                   {}, alignment_tolerance=0.02, background=(255, 255, 255), protocol=protocol_a)
+        tie = register_evaluated(model_dir, "protocol-test", {"kid": kid, "independent_r_precision": 0.1},
+                                 {}, alignment_tolerance=0.02, background=(255, 255, 255), protocol=protocol_a)
+        # a far better KID, measured otherwise: not compared, so the champion stays
+        other = register_evaluated(model_dir, "protocol-test", {"kid": 0.01, "independent_r_precision": 0.9},
+                                   {}, alignment_tolerance=0.02, background=(255, 255, 255), protocol=protocol_b)
+    assert (first["alias"], tie["alias"], other["alias"]) == (CHAMPION, "challenger", "challenger")
+    assert tie["reason"] == "KID 0.40702 is not below the champion's 0.40702"
+    assert other["reason"].startswith(f"not compared: champion version {first['version']} was evaluated under "
+                                      "another protocol (64 captions, ddim 10 steps), this version under 180 captions")
+    assert client.get_model_version("protocol-test", str(other["version"])).tags["eval_protocol"] == "bbbbbbbbbbbb"
+    promoted = run([sys.executable, "-m", "pokesprite.cli", "models", "promote", str(other["version"]),
+                    "--name", "protocol-test"], root, env)
+    assert f"version {other['version']} is now the champion (was version {first['version']})" in promoted.stdout
+    aliases = client.get_registered_model("protocol-test").aliases
+    assert int(aliases[CHAMPION]) == other["version"] and "challenger" not in aliases  # it held challenger
+    assert client.get_model_version("protocol-test", str(first["version"])).tags["replaced_by"] == str(other["version"])
+    listed = run([sys.executable, "-m", "pokesprite.cli", "models", "list", "--name", "protocol-test"], root, env)
+    assert "Metrics measured under different protocols do not compare" in listed.stdout
+    nope = run([sys.executable, "-m", "pokesprite.cli", "models", "promote", "99", "--name", "protocol-test"], root,
+               env, check=False)
+    assert nope.returncode == 1
+    assert "no version 99 of 'protocol-test': protocol-test has versions 1, 2, 3" in nope.stderr
 
 
 def test_train_cli_runs_a_stage_from_the_previous_stages_checkpoint(project, tmp_path):

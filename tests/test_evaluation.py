@@ -265,6 +265,12 @@ def test_labelled_grid_size():
     assert grid.size[0] == 100 and grid.size[1] > 150
     with pytest.raises(ValueError, match="grid of 3 x 2"):
         labelled_grid(imgs, ["a"], [0, 1])
+    imgs[1, 0, 10:30, 10:30] = 255  # a sharp square: shown at its own size, nothing filters it
+    titled = labelled_grid(imgs, ["a", "b", "c"], [0, 1], cell=40, title="pokesprite: ddim, 10 steps")
+    assert titled.size == (80, 20 + 20 + 3 * (34 + 40))  # title, column headers, 3 x (label, cell)
+    top = 20 + 20 + 34 + 40 + 34  # the second row's sprites
+    assert np.array_equal(np.asarray(titled)[top:top + 40, :40], imgs[1, 0])
+    assert np.asarray(titled)[:20].min() < 128  # the title is drawn
 
 
 def test_same_encoder_needs_equal_weights_and_tokens():
@@ -305,6 +311,42 @@ def test_promotion_rule():
     assert not worse_text and "text alignment" in why
     assert beats({"kid": 0.5, "independent_r_precision": 0.0}, None, alignment_tolerance=0.02)[0]
     assert beats({"kid": 0.5, "independent_r_precision": 0.0}, {}, alignment_tolerance=0.02)[0]  # unevaluated
+
+
+def test_the_protocol_fingerprint_covers_what_the_numbers_depend_on_and_only_that():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pokesprite.config import EvaluateConfig
+    from pokesprite.evaluation.evaluate import protocol
+    from pokesprite.registry import protocol_mismatch
+
+    cfg, captions = EvaluateConfig(sampler="ddim", steps=10), ["a red cat", "a blue fish"]
+    base = protocol(cfg, captions, 898)
+    assert base == protocol(cfg, list(captions), 898)  # a pure function of its inputs
+    assert base["description"].startswith("2 held-out captions ") and "vs 898 real, ddim, 10 steps, seed 0" in \
+        base["description"] and base["description"].endswith(f"[{base['fingerprint']}]")
+    changed = [protocol(cfg, ["a red cat", "a green fish"], 898), protocol(cfg, captions[:1], 898),
+               protocol(cfg, captions, 897)] + [
+        protocol(replace(cfg, **kw), captions, 898) for kw in (
+            {"sampler": "ddpm"}, {"sampler": ""}, {"steps": 50}, {"steps": 0}, {"seed": 1}, {"kid_subsets": 50},
+            {"kid_subset_size": 50}, {"candidates": 16}, {"scorer_epochs": 100}, {"scorer_dim": 64},
+            {"precision": "bf16"})]
+    assert len({p["fingerprint"] for p in changed} | {base["fingerprint"]}) == len(changed) + 1
+    for kw in ({"grid_seeds": 2}, {"batch_size": 7}, {"guidance_scales": (1.0, 3.0)}, {"alignment_tolerance": 0.5}):
+        assert protocol(replace(cfg, **kw), captions, 898) == base, kw  # the grid, batching, the rule: not measures
+
+    def version(**tags):
+        return SimpleNamespace(version="3", tags=tags)
+
+    assert protocol_mismatch(base, version(eval_protocol=base["fingerprint"])) is None
+    assert protocol_mismatch(None, version()) is None  # neither recorded (versions of tests, older code)
+    assert protocol_mismatch(base, version()).startswith("not compared: champion version 3 was evaluated under an "
+                                                         "unrecorded protocol, this version under 2 held-out")
+    other = protocol(replace(cfg, steps=50), captions, 898)
+    why = protocol_mismatch(other, version(eval_protocol=base["fingerprint"], eval_protocol_desc=base["description"]))
+    assert why.startswith(f"not compared: champion version 3 was evaluated under another protocol "
+                          f"({base['description']}), this version under {other['description']}")
 
 
 # ---------------------------------------------------------------- the few-shot GAN protocol (fid_all)

@@ -85,10 +85,10 @@ def test_pairs_grid_puts_each_pair_side_by_side():
     blue = np.zeros((2, 8, 8, 3), dtype=np.uint8)
     blue[..., 2] = 255
     picture = pairs_grid(red, blue, ["pair one", "pair two"], ("generated", "nearest"), cell=40)
-    # Layout of labelled_grid: header 18 px, then per row a 30 px label and a 40 px cell.
-    assert picture.size == (80, 18 + 2 * (30 + 40))
+    # Layout of labelled_grid: header 20 px, then per row a 34 px label and a 40 px cell.
+    assert picture.size == (80, 20 + 2 * (34 + 40))
     for row in range(2):
-        y = 18 + row * 70 + 30 + 20
+        y = 20 + row * 74 + 34 + 20
         assert picture.getpixel((20, y)) == (255, 0, 0) and picture.getpixel((60, y)) == (0, 0, 255)
     with pytest.raises(ValueError, match="pair labels"):
         pairs_grid(red, blue, ["one"], ("a", "b"))
@@ -116,13 +116,13 @@ def test_memorisation_of_a_set_with_copies_of_training_sprites():
     assert metrics["memorisation_sprites"] == 5
     assert metrics["memorisation_distance_median_real"] == pytest.approx(float(held_dist.median()))
     rows = min(MEMORISATION_PAIRS, 5)
-    cell = 160
-    assert picture.size == (2 * cell, 18 + rows * (30 + cell))
+    cell = 215  # sprites at their own size
+    assert picture.size == (2 * cell, 20 + rows * (34 + cell))
     # The two copies come first (in either order: both are ~0 apart), each beside its training sprite:
     # generated sprite 0 (pixel value 0) beside #103, generated sprite 1 (value 40) beside #106.
     pairs = []
     for row in range(rows):
-        y = 18 + row * (30 + cell) + 30 + cell // 2
+        y = 20 + row * (34 + cell) + 34 + cell // 2
         pairs.append((picture.getpixel((cell // 2, y))[0], picture.getpixel((cell + cell // 2, y))[0]))
     assert sorted(pairs[:2]) == [(0, 103), (40, 106)]
     assert {gen for gen, _ in pairs[2:]} == {80, 120, 160}

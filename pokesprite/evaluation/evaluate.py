@@ -22,6 +22,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -47,6 +49,29 @@ from pokesprite.models.alignment import similarity_matrix
 
 log = logging.getLogger(__name__)
 MEMORISATION_PAIRS = 8  # rows of memorisation.png: the closest (generated, nearest training sprite) pairs
+# Raise when the code changes what the metrics measure (how sprites are seeded, the captions, the
+# features): versions registered under another value are then not compared with each other.
+PROTOCOL_VERSION = 1
+
+
+def protocol(cfg: EvaluateConfig, captions: list[str], real_sprites: int) -> dict[str, str]:
+    """How KID, FID and R-precision were measured, as ``{"fingerprint", "description"}``: the held-out
+    captions (which the dataset, the split and ``max_captions`` decide), the real sprites, the sampler
+    settings, the seed, the KID subsets, the candidates and the independent scorer. Two versions'
+    numbers compare only under one fingerprint; the grid and the curve's settings are not part of it."""
+    parts = {"version": PROTOCOL_VERSION, "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+             "sprites": len(captions), "real": real_sprites, "sampler": cfg.sampler or "model's own",
+             "steps": cfg.steps or "model's own", "seed": cfg.seed, "precision": cfg.precision,
+             "kid": [cfg.kid_subsets, cfg.kid_subset_size], "candidates": cfg.candidates,
+             "scorer": [cfg.scorer_epochs, cfg.scorer_dim]}
+    fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    sampler = cfg.sampler or "the model's sampler"
+    steps = f"{cfg.steps} steps" if cfg.steps else "the model's steps"
+    description = (f"{len(captions)} held-out captions {parts['captions'][:8]} vs {real_sprites} real, "
+                   f"{sampler}, {steps}, seed {cfg.seed}, {cfg.precision}, KID "
+                   f"{cfg.kid_subsets}x{cfg.kid_subset_size}, R-precision of {cfg.candidates}, scorer "
+                   f"{cfg.scorer_epochs}x{cfg.scorer_dim}, protocol v{PROTOCOL_VERSION} [{fingerprint}]")
+    return {"fingerprint": fingerprint, "description": description}
 
 
 @dataclass
@@ -55,6 +80,8 @@ class Evaluation:
     metrics: dict[str, float]
     images: dict[str, Image.Image]  # file name -> picture: sample_grid.png, memorisation.png, guidance_curve.png
     guidance_curve: list[dict] = field(default_factory=list)  # one {scale, kid, kid_std, r_precision} per scale
+    protocol: dict[str, str] = field(default_factory=dict)  # how the metrics were measured (``protocol``)
+
 
 @contextlib.contextmanager
 def phase(what: str):
@@ -250,7 +277,10 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
                          for p in prompts])  # (P, S, H, W, 3)
         tiles = to_unit_range(torch.from_numpy(grid).permute(0, 1, 4, 2, 3))
         metrics.update(text_sensitivity(*vgg_distances(perceptual, tiles, device)))
-        images = {"sample_grid.png": labelled_grid(grid, prompts, seeds)}
+        sampler, steps = cfg.sampler or pipeline.sample.sampler, cfg.steps or pipeline.sample.steps
+        title = (f"pokesprite: {sampler}, {steps} steps, guidance {pipeline.sample.guidance_scale:g}; "
+                 "a column per seed, a row per prompt")
+        images = {"sample_grid.png": labelled_grid(grid, prompts, seeds, title=title)}
 
     # Many sprites (captions of every split cycled) against every real sprite; these, when drawn, are
     # also the set checked for memorisation (uint8 in memory: 139 kB a sprite, 0.7 GB for 5000).
@@ -274,4 +304,4 @@ def evaluate(pipeline, *, before_text, alignment, processed_dir: Path, reference
             points = guidance_curve_points(pipeline, captions, gen_feats, inception, real_feats, scorer, cfg)
             metrics.update(curve.curve_metrics(points))
             images[curve.IMAGE_FILE] = curve.curve_image(points)
-    return Evaluation(metrics, images, points)
+    return Evaluation(metrics, images, points, protocol(cfg, captions, len(real_feats)))
