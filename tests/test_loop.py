@@ -366,3 +366,23 @@ def test_the_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_length(
         reads[every, steps] = counts["n"]
     assert reads[1000, 20] == reads[1000, 60], reads
     assert reads[1, 60] > reads[1, 20]  # the counter does see per-step reads when they happen
+
+
+def test_checkpoints_hold_what_training_changes_and_load_back():
+    from pokesprite.train.loop import load_trained_state, trained_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    model[0].requires_grad_(False)  # a frozen part, rebuilt by the stage itself
+    state = trained_state(model)
+    assert set(state) == set(model.state_dict()) - {"0.weight", "0.bias"}  # buffers stay: they may change
+    other = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    other[0].load_state_dict(model[0].state_dict())
+    other[0].requires_grad_(False)
+    load_trained_state(other, state, "x.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    load_trained_state(other, model.state_dict(), "x.pt")  # a whole state dict, as older checkpoints hold
+    with pytest.raises(ValueError, match=r"x.pt: its weights do not fit this model \(missing \['2.bias'\]"):
+        load_trained_state(other, {k: v for k, v in state.items() if k != "2.bias"}, "x.pt")
+    with pytest.raises(ValueError, match=r"unexpected \['3.weight'\]"):
+        load_trained_state(other, {**state, "3.weight": torch.zeros(1)}, "x.pt")

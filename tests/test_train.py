@@ -133,6 +133,15 @@ def test_finetune_trains_only_the_text_encoder_and_saves_the_model(processed, ti
     assert bool(changed) == (metrics["best_epoch"] > 0)
     images = pipe(["a small green creature with a bulb on its back", "a blue turtle"], seed=0, num_steps=3)
     assert images.shape == (2, 215, 215, 3) and images.dtype == np.uint8
+    # The checkpoints hold the trained layers only; the frozen ones are stored once, in model/.
+    top = f".layer.{pipe.text.transformer.config.num_hidden_layers - 1}."  # finetune.train_layers: 1
+    trained = {k for k, _ in pipe.text.named_parameters() if k.startswith("proj.") or top in k}
+    frozen = {k for k, _ in pipe.text.named_parameters()} - trained
+    assert trained and frozen
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(tmp_path / name, "finetune")
+        held = set(ckpt["text_state"] if name == "best.pt" else ckpt["train"]["model"])
+        assert trained <= held and not held & frozen, name
 
 
 def test_pipeline_round_trip_and_seeds(processed, tiny_params, vae_run, diffusion_run, tmp_path):

@@ -33,7 +33,7 @@ from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.train.common import seed_everything
 from pokesprite.train.diffusion import denoise, drop_captions, encode_latents, sample_grid, sample_latents
-from pokesprite.train.loop import Stage, fit
+from pokesprite.train.loop import Stage, fit, load_trained_state, trained_state
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS = 8
@@ -171,7 +171,8 @@ def train_finetune(cfg: FinetuneStageConfig, *, data_dir: Path, vae_checkpoint: 
                 "val_matched_cosine": float(sim.diagonal().mean())}
 
     def export():
-        return {"text_state": text.state_dict(), "train_layers": cfg.train_layers}
+        # the trained layers only: the frozen ones are the bundled model's, stored once in model/
+        return {"text_state": trained_state(text), "train_layers": cfg.train_layers}
 
     before_state = {k: v.detach().clone() for k, v in text.state_dict().items()}
     before = validate(0)
@@ -188,7 +189,8 @@ def train_finetune(cfg: FinetuneStageConfig, *, data_dir: Path, vae_checkpoint: 
 
     # The encoder before fine-tuning competes too: if no epoch beat it, it stays.
     if result.best < before["val_loss"]:
-        text.load_state_dict(load_checkpoint(out_dir / "best.pt", "finetune")["text_state"])
+        best_file = out_dir / "best.pt"
+        load_trained_state(text, load_checkpoint(best_file, "finetune")["text_state"], str(best_file))
         after = next(h for h in result.history if h["epoch"] == result.best_epoch)
     else:
         text.load_state_dict(before_state)

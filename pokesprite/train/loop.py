@@ -201,7 +201,7 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         if "train" not in ckpt:
             raise ValueError(f"{resume}: holds inference weights only; resume from last.pt or epoch_NNNN.pt")
         state = ckpt["train"]
-        stage.model.load_state_dict(state["model"])
+        load_trained_state(stage.model, state["model"], str(resume))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         guard.load_state_dict(state["guard"])
@@ -226,7 +226,7 @@ def fit(stage: Stage, cfg: TrainConfig, *, out_dir: Path, tracker: Tracker | Non
         """last.pt / epoch_NNNN.pt: the training state, and the export's settings without its weights."""
         settings = {k: v for k, v in exported.items() if not is_state_dict(v)}
         return {**weights_file(epoch, settings),
-                "train": {"model": stage.model.state_dict(), "optimizer": opt.state_dict(),
+                "train": {"model": trained_state(stage.model), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "guard": guard.state_dict(),
                           "ema": ema.state_dict() if ema else None, "epoch": epoch, "epochs": epochs,
                           "history": history, "best": best, "best_epoch": best_epoch, "rng": rng_state(stage.generator),
@@ -333,8 +333,9 @@ def keep_best(out_dir: Path, resumed_from: Path, kind: str, best: float, best_ep
                 if candidate != target:
                     atomic_save(weights, target)
                 return best, best_epoch
-    log.warning("%s: no best.pt of epoch %d (the best so far) in %s or %s; best.pt will be the best epoch "
-                "from here on", kind, best_epoch, out_dir, resumed_from)
+    folders = " or ".join(dict.fromkeys(str(p) for p in (out_dir, resumed_from)))  # one folder when they agree
+    log.warning("%s: no best.pt of epoch %d (the best so far) in %s; best.pt will be the best epoch from here on",
+                kind, best_epoch, folders)
     return math.inf, 0
 
 
@@ -346,6 +347,24 @@ def refit_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int, epochs: int, st
     for _ in range(min(steps_done, sched.total_steps)):
         sched.step()
     return sched
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without its frozen parameters (``requires_grad`` false): what training
+    can change. A checkpoint holds only this; the frozen weights come from building the model again
+    (a fine-tuned text encoder's lower layers, from the bundled package), so they are stored once."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a ``trained_state`` (or a whole state dict, as older checkpoints hold) into ``model``; a
+    missing entry must be a frozen parameter, and nothing may be left over."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise ValueError(f"{where}: its weights do not fit this model (missing {sorted(set(missing) - frozen)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}); was it trained with other settings?")
 
 
 def is_state_dict(value) -> bool:
