@@ -67,6 +67,11 @@ ui: install
 MLFLOW_DB        ?= postgresql://mlflow:change-me@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-server-artifacts
 MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+# MLFLOW_ALLOWED_HOSTS: the Host headers clients send, e.g. mlflow-host:5000,mlflow-host (MLflow's
+# default: localhost and private IPs); needed with MLFLOW_HOST=0.0.0.0 and a host name.
+MLFLOW_ALLOWED_HOSTS ?=
 mlflow-server: install
-	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port 5000 --backend-store-uri "$(MLFLOW_DB)" \
-		--serve-artifacts --artifacts-destination "$(MLFLOW_ARTIFACTS)"
+	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --backend-store-uri "$(MLFLOW_DB)" \
+		--serve-artifacts --artifacts-destination "$(MLFLOW_ARTIFACTS)" \
+		$(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts "$(MLFLOW_ALLOWED_HOSTS)")

@@ -34,12 +34,13 @@ def time_per_image(loss: PerceptualLoss, batch: int, repeats: int, image_size: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--net", default="vgg19", choices=["vgg16", "vgg19"])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[112, 215])
-    ap.add_argument("--blocks", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--net", default="vgg19", choices=["vgg16", "vgg19"], help="feature network (default: vgg19)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[112, 215],
+                    help="input sizes in pixels to time (default: 112 215)")
+    ap.add_argument("--blocks", type=int, default=3, help="VGG blocks whose features are compared (default: 3)")
+    ap.add_argument("--batch", type=int, default=8, help="images per timed batch (default: 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed batches per size (default: 3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -31,9 +31,9 @@ def bench(step, batch: int, steps: int, device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--params", default="params.yaml", help="params file whose sizes are timed (default: params.yaml)")
+    ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per model (default: 3)")
     args = ap.parse_args()
     p = load_params(args.params)
     device = torch.device(args.device)

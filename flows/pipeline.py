@@ -82,7 +82,7 @@ def run_stage(name: str, params_file: str, root: str) -> dict:
     """The stage as a task with the retries of params.yaml, then a link to its MLflow run."""
     params = load_params(Path(root) / params_file)
     # Under torchrun a retry of process 0 alone would wait for the others forever: torchrun restarts
-    # the whole group instead (--max-restarts).
+    # the whole group instead (flows.run passes --max-restarts=prefect.retries).
     retries = 0 if distributed.launched() else params.prefect.retries
     retrying = stage_task.with_options(retries=retries,
                                        retry_delay_seconds=params.prefect.retry_delay_seconds)
@@ -118,15 +118,30 @@ def link_mlflow_run(name: str, params: Params, root: str) -> None:
         log.warning("no MLflow link artifact for %s: %s", name, e)
 
 
+def show_stage_logs() -> None:
+    """pokesprite's INFO lines (epochs, resumes, timings) in the flow run's log, also when a worker
+    started the run, whose logging Prefect set up before ``flows`` set PREFECT_LOGGING_EXTRA_LOGGERS."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("pokesprite")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+
+
 @flow(name="pokesprite-stage", flow_run_name="{stage}")
 def stage_flow(stage: str, params_file: str = "params.yaml", root: str = ".") -> dict:
     """One stage of the table (what `dvc repro` runs for it)."""
+    if stage not in STAGES:  # a deployment's parameter, typed by hand
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    show_stage_logs()
     return run_stage(stage, params_file, root)
 
 
 @flow(name="pokesprite-pipeline")
 def pipeline_flow(params_file: str = "params.yaml", root: str = ".") -> dict:
     """Every stage (preprocess ... evaluate) in one flow run, each a task with retries."""
+    show_stage_logs()
     return {name: run_stage(name, params_file, root) for name in STAGES}
 
 

@@ -63,10 +63,11 @@ def processes() -> int:
     return int(value)
 
 
-def relaunch_under_torchrun(stage: str, params_file: str, n: int):
-    """Replace this process by ``torchrun`` running this same command on ``n`` processes."""
+def relaunch_under_torchrun(stage: str, params_file: str, n: int, restarts: int = 0):
+    """Replace this process by ``torchrun`` running this same command on ``n`` processes; a failed
+    group is started again ``restarts`` times (``prefect.retries``), resuming from its last.pt."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "flows.run", stage, "--params", params_file]
+            f"--max-restarts={restarts}", "-m", "flows.run", stage, "--params", params_file]
     logging.getLogger(__name__).info("%s on %d processes: %s", stage, n, " ".join(argv[1:]))
     sys.stdout.flush(), sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -86,9 +87,10 @@ def follow(stage: str, params_file: str) -> int:
 def main(argv=None) -> int:
     gc_settings.for_commands()
     malloc_settings.for_commands()
-    parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__.replace("``", "`"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=(*STAGES, "pipeline"))
+    parser.add_argument("stage", choices=(*STAGES, "pipeline"), metavar="STAGE",
+                        help=f"a stage ({', '.join(STAGES)}) or pipeline: all of them in order")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     from pokesprite.stages import is_main_process
@@ -98,8 +100,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        load_params(args.params)  # fail on a bad params file before Prefect starts
+        params = load_params(args.params)  # fail on a bad params file before Prefect starts
         n = processes()
+        from pokesprite.tracking import check_server, tracking_enabled, tracking_uri
+
+        if tracking_enabled():
+            check_server(tracking_uri())  # a tracking server that is down: now, not after minutes of retries
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,7 +115,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if n > 1 and parallel and not distributed.launched():
-        relaunch_under_torchrun(args.stage, args.params, n)
+        if STAGES[args.stage].resumable and (batch := getattr(params, args.stage).train.batch_size) % n:
+            print(f"error: {args.stage}.train.batch_size must be a multiple of POKESPRITE_NPROC ({n}), got {batch}: "
+                  "every process takes an equal share of each batch", file=sys.stderr)
+            return 2
+        relaunch_under_torchrun(args.stage, args.params, n, restarts=params.prefect.retries)
 
     dvc = dvc_ancestor() if "DVC_STAGE" in os.environ or "DVC_ROOT" in os.environ else None
     if dvc is not None:

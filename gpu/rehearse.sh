@@ -4,7 +4,11 @@
 # Prefect, DVC and the packages the bundle vendors, with the tiny profile on 16 sprites.
 #   gpu/rehearse.sh [DIR]        (default /tmp/pokesprite-rehearsal; OUT is DIR/out)
 set -euo pipefail
-DIR=$(realpath -m "${1:-/tmp/pokesprite-rehearsal}")
+case ${1:-} in
+  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+  -*) echo "usage: gpu/rehearse.sh [DIR] (gpu/rehearse.sh --help)" >&2; exit 2 ;;
+esac
+DIR=$(realpath -m -- "${1:-/tmp/pokesprite-rehearsal}")
 VENV_PY=${VENV_PY:-.venv/bin/python}
 [[ -f gpu/bundle/manifest.json ]] || { echo "no gpu/bundle: run gpu/pack.py first" >&2; exit 2; }
 rm -rf "$DIR" && mkdir -p "$DIR/repo"

@@ -14,7 +14,12 @@
 # is evaluated on the held-out set only: a same-budget comparison of a recipe change.
 set -euo pipefail
 
-OUT=$(realpath -m "${1:?usage: gpu/run.sh OUT [options]}"); shift
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+case ${1:-} in
+  -h|--help) usage; exit 0 ;;
+  ""|-*) echo "usage: gpu/run.sh OUT [options] (gpu/run.sh --help)" >&2; exit 2 ;;  # OUT first, never an option
+esac
+OUT=$(realpath -m -- "$1"); shift
 CONFIG=profiles/gpu.yaml DEVICE=cuda PRECISION=bf16 SPRITES=0 BUDGET=480 BENCH_S=90 BENCH_ARGS="" OVERHEAD=180
 VARIANT="" THROUGHPUT="" EVAL_SHARE=0.35
 while (($#)); do

@@ -125,6 +125,7 @@ def configure_mlflow(root: Path | str | None = None, *, create: bool = True) -> 
 
     global _configured_uri
     uri = tracking_uri(root)
+    check_server(uri)
     if not create and (db := sqlite_path(uri)) is not None and not db.is_file():
         raise FileNotFoundError(f"no MLflow store at {db}: run this in the project folder (make repro makes "
                                 "mlruns/ there), or set MLFLOW_TRACKING_URI to your tracking server")
@@ -139,6 +140,27 @@ def configure_mlflow(root: Path | str | None = None, *, create: bool = True) -> 
             client.search_experiments(max_results=1)  # opening the store creates and migrates its tables
             client.search_registered_models(max_results=1)
     return uri
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """An http(s) tracking URI must answer MLflow's ``/health``, checked before any work: MLflow's own
+    client retries a server that is down for minutes per call. A ValueError says what to fix."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+            if answer.status == 200:
+                return
+            reason = f"HTTP {answer.status}"
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code} {e.reason}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise ValueError(f"the MLflow tracking server {uri} does not answer ({reason}): start it (make mlflow-server) "
+                     "or fix MLFLOW_TRACKING_URI")
 
 
 def ensure_experiment(name: str, root: Path | str | None = None) -> str:
@@ -168,9 +190,31 @@ def ensure_experiment(name: str, root: Path | str | None = None) -> str:
     if exp.lifecycle_stage == "deleted":
         raise ValueError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
                          f"--experiment-id {exp.experiment_id}) or set another mlflow.experiment in params.yaml")
+    check_artifacts_are_local(exp)
     if EXPERIMENT_KIND_TAG not in exp.tags:  # made before pokesprite tagged experiments
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def check_artifacts_are_local(exp) -> None:
+    """A sqlite store's experiment must keep its artifacts beside the database (``mlruns/artifacts``).
+
+    MLflow records absolute paths: an ``mlruns/`` copied or moved from another folder still points
+    at the original's artifacts, and runs logged here would write into that project (or fail once it
+    is gone). A ValueError says so before any training."""
+    import mlflow
+    from urllib.parse import unquote, urlparse
+
+    db = sqlite_path(mlflow.get_tracking_uri())
+    location = urlparse(exp.artifact_location or "")
+    if db is None or location.scheme != "file":
+        return
+    artifacts = Path(unquote(location.path)).resolve()
+    if not artifacts.is_relative_to(db.parent.resolve()):
+        raise ValueError(f"{db}: MLflow experiment {exp.name!r} keeps its artifacts in {artifacts}, outside this "
+                         f"store's folder {db.parent}: this mlruns/ was copied or moved from another project "
+                         "(MLflow records absolute paths). Run from the original folder, or move mlruns/ aside "
+                         "to start a new store here.")
 
 
 def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:

@@ -50,3 +50,5 @@ def test_a_stage_deployment_runs_on_a_process_worker(raw_subset, tmp_path):
     assert (project / "outputs/preprocess/index.csv").is_file()  # made by the worker, in the deployed folder
     worker = (tmp_path / "worker.log").read_text()
     assert "Flow run 'preprocess' - Finished in state Completed()" in worker, worker[-3000:]
+    # the stage's own lines reach the flow run's log (Prefect's handlers, as prefect.yaml's env asks)
+    assert "| INFO    | pokesprite.stages - preprocess done in" in worker, worker[-3000:]

@@ -84,3 +84,21 @@ def test_a_slow_sampler_turns_fid_all_off():
     record = fit_budgets.fit(params, 400, 100, sprites_per_s=5)  # the held-out draws alone take 270 s
     assert params["evaluate"]["fid_samples"] == 0 and record["draw_seconds_estimate"] == 270.0
     assert params["vae"]["train"]["max_minutes"] == pytest.approx(2.5 * 0.5 / 5.25, abs=1e-3)  # 30 s left
+
+
+@pytest.mark.parametrize("script", ["gpu/run.sh", "gpu/rehearse.sh"])
+def test_the_gpu_scripts_help_and_refuse_an_option_before_touching_any_folder(script, tmp_path):
+    """`--help` once became OUT: the usage text was a folder name and the previous run's WORK was deleted."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "work"
+    (work / "run").mkdir(parents=True)
+    (work / "run" / "last.pt").write_text("a previous run's checkpoint")
+    env = {"PATH": "/usr/bin:/bin", "WORK": str(work)}
+    shown = subprocess.run(["bash", script, "--help"], cwd=root, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and script in shown.stdout and not shown.stdout.startswith("#")
+    refused = subprocess.run(["bash", script, "--budget", "60"], cwd=root, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and f"usage: {script}" in refused.stderr
+    assert (work / "run" / "last.pt").read_text() == "a previous run's checkpoint"

@@ -122,6 +122,57 @@ def test_configure_mlflow_follows_the_project_not_its_own_earlier_choice(tmp_pat
         assert in_b.execute(query).fetchone() == (1,) and in_a.execute(query).fetchone() == (0,)
 
 
+def test_a_tracking_server_that_does_not_answer_is_named_at_once(monkeypatch):
+    import http.server
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"the MLflow tracking server http://127.0.0.1:{dead} does not answer "
+                                         r"\(.*refused.*\): start it \(make mlflow-server\) or fix MLFLOW_TRACKING_URI"):
+        tracking.configure_mlflow()
+    assert time.perf_counter() - start < 5  # not MLflow's minutes of retries
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_server(f"http://127.0.0.1:{server.server_port}")  # answers: no error
+        with pytest.raises(ValueError, match="does not answer \\(HTTP 404"):
+            tracking.check_server(f"http://127.0.0.1:{server.server_port}/some/prefix")
+    finally:
+        server.shutdown()
+    tracking.check_server("sqlite:////nowhere/mlflow.db")  # not a server: nothing to check
+
+
+def test_a_copied_store_is_refused_before_it_writes_into_the_original(tmp_path, empty_store):
+    """MLflow records absolute artifact paths: runs logged from a copied mlruns/ would land in the original."""
+    a = with_store(tmp_path / "a", empty_store)
+    tracking.configure_mlflow(a)
+    tracking.ensure_experiment("pokesprite")
+    assert any((a / "mlruns").iterdir())
+    shutil.copytree(a / "mlruns", tmp_path / "b" / "mlruns")
+    tracking.configure_mlflow(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"keeps its artifacts in .*/a/mlruns/artifacts, outside this store's "
+                                         r"folder .*/b/mlruns: this mlruns/ was copied or moved"):
+        tracking.ensure_experiment("pokesprite")
+    tracking.configure_mlflow(a)
+    assert tracking.ensure_experiment("pokesprite")  # the original is fine
+
+
 WORKER = textwrap.dedent("""
     import os, sys, time
     import mlflow
