@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import uuid
@@ -37,24 +39,48 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``): True when done,
+    False where the system or the file system cannot (nothing moved then)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 @contextlib.contextmanager
 def atomic_folder(path: Path):
     """Yield a new staging folder beside ``path``; when the block ends without an error, it replaces
-    ``path`` (and whatever was there). A crash leaves the old folder or the new one, never a mix; the
-    staging folder is removed when the block fails. The folder gets the user's usual permissions."""
+    ``path`` (and whatever was there). A crash leaves the old folder or the new one, never a mix: the
+    two are swapped in one step where Linux can (``exchange``), else the old one is moved aside and
+    moved back if the new one cannot take its place. The staging folder is removed when the block
+    fails. The folder gets the user's usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}")
     staging.mkdir()  # 0777 less the umask (tempfile.mkdtemp would make it 0700)
     try:
         yield staging
-        if path.exists():  # moved aside first: a folder cannot be renamed over a non-empty one
+        if not path.exists():
+            staging.rename(path)
+        elif exchange(staging, path):
+            shutil.rmtree(staging)  # the old folder now
+        else:  # moved aside first: a folder cannot be renamed over a non-empty one
             old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.old")
             path.rename(old)
-            staging.rename(path)
+            try:
+                staging.rename(path)
+            except BaseException:
+                old.rename(path)
+                raise
             shutil.rmtree(old)
-        else:
-            staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -194,3 +194,33 @@ def test_atomic_folder_replaces_the_old_folder_whole_or_not_at_all(tmp_path):
         (staging / "b.txt").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # nothing of the old one is left
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or old folder left beside it
+
+
+def test_atomic_folder_swaps_in_one_step_or_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from pokesprite import files
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "x").write_text("b")
+    assert files.exchange(a, b)  # this machine (Linux, glibc >= 2.28) swaps in one step
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+    target = tmp_path / "model"
+    with files.atomic_folder(target) as staging:
+        (staging / "old.txt").write_text("old")
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)  # a system without it: two renames
+    real_rename, calls = Path.rename, []
+
+    def rename(self, to):  # the second rename (staging -> model) fails, as a full disk might
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise OSError("no space left")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="no space left"):
+        with files.atomic_folder(target) as staging:
+            (staging / "new.txt").write_text("new")
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]  # the old folder is back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "model"]  # nothing hidden left over
