@@ -54,7 +54,7 @@ def check_request(prompt, seed, steps, guidance, count, sampler, rgb, *, max_ste
 
     def whole(value, name, lo, hi):
         try:
-            ok = float(value).is_integer() and lo <= int(float(value)) <= hi
+            ok = not isinstance(value, bool) and float(value).is_integer() and lo <= int(float(value)) <= hi
         except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
@@ -65,8 +65,8 @@ def check_request(prompt, seed, steps, guidance, count, sampler, rgb, *, max_ste
     seed = whole(seed, "Seed", 0, MAX_SEED - (count - 1))  # sprite i is drawn with seed + i
     steps = whole(steps, "Sampling steps", 1, max_steps)
     try:
-        ok = 0 <= float(guidance) <= MAX_GUIDANCE
-    except (TypeError, ValueError):
+        ok = not isinstance(guidance, bool) and 0 <= float(guidance) <= MAX_GUIDANCE
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise ValueError(f"Guidance scale must be between 0 and {MAX_GUIDANCE:g} (1 = no guidance), got {guidance}.")

@@ -172,3 +172,32 @@ def test_alignment_stage_records_a_user_clip_checkpoint_and_stage_3_checks_it(tm
     path.unlink()
     with pytest.raises(FileNotFoundError, match="tiny_clip.pt': no such file"):
         run_alignment(params, root=tmp_path)
+
+
+def test_text_features_are_pooled_over_real_tokens_only(trained):
+    """Mean pooling over the attention mask (as sentence-transformers pools MiniLM): a caption's
+    features do not depend on how much padding a longer caption in its batch adds."""
+    model, _ = trained
+    short = "a small fire lizard"
+    alone = model.text_features([short])
+    beside_long = model.text_features([short, "a huge " + "very " * 40 + "long blue water turtle"])[:1]
+    torch.testing.assert_close(alone, beside_long, atol=1e-4, rtol=0)
+
+
+def test_the_temperature_is_capped_at_100_as_in_clip(trained):
+    """scale = exp(logit_scale) clamped at 100 (CLIP): a run whose logit_scale drifts high cannot make
+    the contrastive logits (and masked_clip_loss's -1e4 margin) blow up."""
+    import math
+
+    model, _ = trained
+    saved = model.logit_scale.detach().clone()
+    try:
+        with torch.no_grad():
+            model.logit_scale.fill_(10.0)  # exp(10) ~ 22026
+        assert model.scale.item() == pytest.approx(100.0)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(50.0))
+        assert model.scale.item() == pytest.approx(50.0)
+    finally:
+        with torch.no_grad():
+            model.logit_scale.copy_(saved)

@@ -481,3 +481,16 @@ def test_page_serves_a_registered_model_by_alias(registry, chromium, tmp_path):
     finally:
         server.stop()
     assert blocked == []
+
+
+def test_check_request_refuses_guidance_outside_its_range():
+    good = dict(prompt="x", seed=0, steps=10, guidance=3.0, count=1, sampler="ddpm", rgb=True)
+    for guidance in (-0.5, 20.5, "nan", "inf"):
+        with pytest.raises(ValueError, match=re.escape("Guidance scale must be between 0 and 20")):
+            check_request(**{**good, "guidance": guidance}, max_steps=1000)
+    with pytest.raises(ValueError, match="Guidance scale must be between 0 and 20"):
+        check_request(**{**good, "guidance": 10**400}, max_steps=1000)  # not an OverflowError
+    with pytest.raises(ValueError, match="Number of sprites must be a whole number from 1 to 8, got True"):
+        check_request(**{**good, "count": True}, max_steps=1000)
+    assert check_request(**{**good, "guidance": 0}, max_steps=1000).guidance == 0.0
+    assert check_request(**{**good, "guidance": 20}, max_steps=1000).guidance == 20.0

@@ -77,3 +77,29 @@ def test_augmentation_draws_from_the_device_generator_and_repeats_with_its_seed(
     a = augment_batch(x, AugmentConfig(), WHITE)
     torch.manual_seed(3)
     assert torch.equal(a, augment_batch(x, AugmentConfig(), WHITE))
+
+
+def test_jitter_and_rotation_draws_cover_both_sides_of_their_ranges(monkeypatch):
+    """rotation in [-r, r] (both directions) and brightness/contrast/saturation factors in
+    [1 - s, 1 + s] (darker and brighter): the drawn parameters, seen through the transforms."""
+    from pokesprite.data import augment
+
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(x, value, *rest):
+            seen[name] = value.clone()
+            return fn(x, value, *rest)
+        monkeypatch.setattr(augment, name, wrapped)
+
+    for name in ("rotate", "adjust_brightness", "adjust_contrast", "adjust_saturation"):
+        spy(name, getattr(augment, name))
+    torch.manual_seed(0)
+    cfg = AugmentConfig(rotation_degrees=10.0, brightness=0.2, contrast=0.3, saturation=0.4, hflip_prob=0.0)
+    augment_batch(sprites(n=400), cfg, WHITE)
+    for name, half in (("rotate", 10.0), ("adjust_brightness", 0.2), ("adjust_contrast", 0.3),
+                       ("adjust_saturation", 0.4)):
+        centre = 0.0 if name == "rotate" else 1.0
+        d = seen[name] - centre
+        assert d.abs().max() <= half + 1e-6, name
+        assert d.min() < -0.8 * half and d.max() > 0.8 * half, name  # both directions, near the ends

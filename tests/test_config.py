@@ -79,6 +79,8 @@ def test_unknown_section_is_named(tmp_path):
     (("data", "split"), [0.5, 0.4, 0.4], r"data\.split must be three non-negative fractions summing to 1"),
     (("diffusion", "unet", "attention"), [True], r"one entry per channels entry"),
     (("diffusion", "cond_drop_prob"), 1.0, r"diffusion\.cond_drop_prob must be in \[0, 1\), got 1\.0"),
+    (("diffusion", "train", "max_minutes"), -5,
+     r"diffusion\.train\.max_minutes must be >= 0 \(0 = no budget\), got -5"),
 ])
 def test_wrong_values_are_named(tmp_path, path, value, message):
     d = base()

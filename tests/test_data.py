@@ -329,3 +329,18 @@ def test_the_preprocess_stage_names_its_tokenizer_as_configured_not_where_it_is_
     text = (tmp_path / "outputs" / "preprocess" / "stats.json").read_text()
     assert json.loads(text)["caption_tokens"]["tokenizer"] == tiny_params.text.model
     assert sys.prefix not in text and str(tmp_path) not in text
+
+
+def test_clean_caption_drops_quotes_around_the_whole_caption():
+    assert clean_caption('"a squat green seed Pok\u00e9mon"') == "a squat green seed Pok\u00e9mon"
+    assert clean_caption('  \u201c a seed \u201d ') == "a seed"  # curly quotes are made plain first
+    assert clean_caption('a "seed" Pok\u00e9mon') == 'a "seed" Pok\u00e9mon'  # inner quotes stay
+
+
+def test_a_tiny_image_names_the_file_and_its_size(raw_subset, tmp_path):
+    bad = broken_copy(raw_subset, tmp_path)
+    Image.new("RGBA", (7, 30), (0, 0, 0, 0)).save(bad / "small_images/005.png")
+    with pytest.raises(raw.DatasetError, match=r"005\.png: image is only 7x30 pixels"):
+        raw.import_dataset(bad, tmp_path / "data")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(bad / "small_images/005.png")  # the smallest accepted
+    raw.import_dataset(bad, tmp_path / "data")

@@ -593,3 +593,15 @@ def test_each_sprite_has_its_own_seed(tiny_text_dir):
         with pytest.raises(ValueError, match="seed must be a whole number"):
             pipe(["a"], seed=bad)
     assert pipe(["a"], seed=2**63 - 1).shape == (1, 215, 215, 3)
+
+
+def test_too_many_steps_are_refused_by_the_request_check(tiny_text_dir):
+    pipe = tiny_pipeline(tiny_text_dir)
+    with pytest.raises(ValueError, match=r"num_steps must be a whole number in 1\.\.100, got 101"):
+        pipe.check_request(["a red bird"], num_steps=101)
+
+
+def test_infinite_guidance_is_refused_by_the_request_check(tiny_text_dir):
+    pipe = tiny_pipeline(tiny_text_dir)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        pipe.check_request(["a red bird"], guidance_scale=float("inf"))

@@ -391,3 +391,25 @@ def test_evaluate_config_new_keys_default_off_and_name_the_key():
                      ({"fid_sample": 10}, "evaluate.fid_samples")]:  # a typo: "did you mean"
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             from_dict(EvaluateConfig, bad, "evaluate")
+
+
+def test_a_registry_error_is_not_read_as_no_champion(monkeypatch):
+    """current_champion: a missing model is "no champion"; any other registry error (server down,
+    locked database) is raised, or the next version would be promoted without a comparison."""
+    import mlflow
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from pokesprite import registry
+
+    class Client:
+        def __init__(self, code):
+            self.code = code
+
+        def get_registered_model(self, name):
+            raise mlflow.exceptions.MlflowException("registry says no", error_code=self.code)
+
+    monkeypatch.setattr(registry.mlflow, "MlflowClient", lambda: Client(RESOURCE_DOES_NOT_EXIST))
+    assert registry.current_champion("pokesprite") is None
+    monkeypatch.setattr(registry.mlflow, "MlflowClient", lambda: Client(INTERNAL_ERROR))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="registry says no"):
+        registry.current_champion("pokesprite")

@@ -386,3 +386,44 @@ def test_checkpoints_hold_what_training_changes_and_load_back():
         load_trained_state(other, {k: v for k, v in state.items() if k != "2.bias"}, "x.pt")
     with pytest.raises(ValueError, match=r"unexpected \['3.weight'\]"):
         load_trained_state(other, {**state, "3.weight": torch.zeros(1)}, "x.pt")
+
+
+def test_shard_gives_each_process_its_own_equal_rows_and_check_batch_refuses_uneven(monkeypatch):
+    """distributed.shard under 3 processes: rank r gets rows [r*n/3, (r+1)*n/3), the ranks' shards
+    tile the global batch; an uneven batch is refused (checked without starting processes)."""
+    from pokesprite.train import distributed
+
+    x = torch.arange(12)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    parts = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts.append(distributed.shard(x))
+    assert [len(p) for p in parts] == [4, 4, 4]
+    assert torch.equal(torch.cat(parts), x)
+    with pytest.raises(ValueError, match="does not split evenly"):
+        distributed.shard(torch.arange(10))
+    with pytest.raises(ValueError, match=r"multiple of the number of processes \(3\), got 10"):
+        distributed.check_batch(10, "vae.train.batch_size")
+    distributed.check_batch(12, "vae.train.batch_size")
+
+
+def test_a_run_shortened_by_its_time_budget_resumes_to_the_shortened_end(tmp_path, monkeypatch):
+    """The epochs that max_minutes left are part of the training state: a resumed run ends where the
+    shortened run ended, with the one-cycle schedule it was re-fitted to (not cfg.epochs)."""
+    from pokesprite.train import loop
+
+    clock = {"t": 0.0}
+
+    def fake_clock():  # 20 s per epoch: 3 of the 10 fit a minute
+        clock["t"] += 20.0
+        return clock["t"]
+
+    monkeypatch.setattr(loop.time, "perf_counter", fake_clock)
+    budget = cfg(epochs=10, max_minutes=1.0)
+    straight = fit(toy_stage(), budget, out_dir=tmp_path / "a")
+    assert len(straight.history) == 3
+    monkeypatch.undo()  # the real clock: the resumed epoch is far within the budget
+    resumed = fit(toy_stage(), budget, out_dir=tmp_path / "b", resume=tmp_path / "a" / "epoch_0002.pt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["lr"] < 1e-3 * budget.lr  # annealed at the shortened end

@@ -221,3 +221,13 @@ def test_unet_of_the_multihead_attention_era_loads_and_is_built_alike(monkeypatc
     x, t, ctx = unet_inputs()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
     assert torch.allclose(new(x, t, ctx, mask), old(x, t, ctx, mask), atol=1e-4)
+
+
+def test_unet_depends_on_the_timestep():
+    """The noise level reaches the network: the same noisy latent at another step gives another output
+    (a U-Net blind to t could not denoise, yet every shape and text test would pass)."""
+    unet = randomised(UNet(TINY_UNET, context_dim=32))
+    x, t, ctx = unet_inputs()
+    out = unet(x, t, ctx)
+    assert (unet(x, t.flip(0), ctx) - out).abs().max().item() > 1e-4
+    assert torch.equal(unet(x, t, ctx), out)  # deterministic: the difference is the timestep's

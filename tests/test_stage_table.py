@@ -261,3 +261,24 @@ def test_code_hashes_leave_out_byte_code_caches(tmp_path):
     assert digest() != before
     ignored = (ROOT / ".dvcignore").read_text().split()
     assert "__pycache__/" in ignored and "*.pyc" in ignored
+
+
+def test_the_resume_fingerprint_changes_with_the_stages_code(tmp_path, monkeypatch):
+    """resume.json's fingerprint covers the stage's code (code_deps), as DVC's hash does: a last.pt
+    trained by other code must not be resumed."""
+    import shutil
+
+    code = tmp_path / "code"
+    for pkg in ("pokesprite", "flows"):
+        shutil.copytree(ROOT / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(stage_table, "ROOT", code)
+    layout = Layout(tmp_path / "project")
+    layout.processed.mkdir(parents=True)
+    (layout.processed / "index.csv").write_text("number,name,split,caption\n")
+    params, spec = load_params(TESTS / "tiny_params.yaml"), STAGES["vae"]
+    before = stage_table.fingerprint(spec, params, layout)
+    assert stage_table.fingerprint(spec, params, layout) == before
+    own = code / "pokesprite" / "train" / "vae.py"
+    assert "pokesprite/train/vae.py" in code_deps(spec)
+    own.write_text(own.read_text() + "\n# an edit\n")
+    assert stage_table.fingerprint(spec, params, layout) != before

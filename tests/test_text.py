@@ -82,3 +82,14 @@ def test_tokenizing_from_many_threads_gives_each_caller_its_own_settings():
         shapes = list(pool.map(lambda i: padded(i) if i % 2 else counts(i), range(400)))
     assert set(shapes[1::2]) == {(32, 16)}
     assert set(shapes[0::2]) == {tuple(22 + i % 7 for i in range(32))}
+
+
+def test_padding_does_not_change_a_captions_features():
+    """The attention mask reaches the transformer: a caption's token features are the same whatever
+    the padding (max_tokens) around them, so the U-Net's context does not depend on text.max_tokens."""
+    caption = ["a small green creature with a bulb on its back"]
+    a, mask_a = TextEncoder.from_pretrained("bundled", dim=8, max_tokens=16).encode_hidden(caption)
+    b, mask_b = TextEncoder.from_pretrained("bundled", dim=8, max_tokens=64).encode_hidden(caption)
+    n = int(mask_a.sum())
+    assert int(mask_b.sum()) == n < 16
+    torch.testing.assert_close(a[:, :n], b[:, :n], atol=1e-4, rtol=0)

@@ -134,7 +134,8 @@ def test_a_tracking_server_that_does_not_answer_is_named_at_once(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
     start = time.perf_counter()
     with pytest.raises(ValueError, match=rf"the MLflow tracking server http://127.0.0.1:{dead} does not answer "
-                                         r"\(.*refused.*\): start it \(make mlflow-server\) or fix MLFLOW_TRACKING_URI"):
+                                         r"\(.*refused.*\): start it \(make mlflow-server\) or fix "
+                                         r"MLFLOW_TRACKING_URI"):
         tracking.configure_mlflow()
     assert time.perf_counter() - start < 5  # not MLflow's minutes of retries
 
@@ -390,3 +391,31 @@ def test_only_a_missing_model_or_alias_reads_as_no_champion(tmp_path, empty_stor
     monkeypatch.setattr(mlflow.MlflowClient, "get_registered_model", unavailable)
     with pytest.raises(mlflow.exceptions.MlflowException, match="unavailable"):
         current_champion("sprites")
+
+
+def test_lineage_tags_name_upstream_stages_and_ignore_the_runs_own_files(tmp_path):
+    """dvc_lock.<stage> is the md5 of the stage's model/data outputs (metrics and plots left out), the
+    running stage is left out, and git_dirty ignores dvc.lock, metrics/, plots/ and params.yaml but
+    not a code change."""
+    root = tmp_path / "lin"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "test@pokesprite")
+    git(root, "config", "user.name", "pokesprite tests")
+    (root / "metrics").mkdir()
+    for name in ("params.yaml", "dvc.lock", "code.py", "metrics/m.json"):
+        (root / name).write_text("a\n")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "x")
+    (root / "dvc.lock").write_text(
+        "stages:\n"
+        "  vae:\n    outs:\n    - path: outputs/vae\n      md5: aaa.dir\n    - path: metrics/vae.json\n      md5: mmm\n"
+        "  evaluate:\n    outs:\n    - path: outputs/evaluate\n      md5: eee.dir\n")
+    (root / "params.yaml").write_text("b\n")
+    (root / "metrics" / "m.json").write_text("b\n")
+    tags = lineage.lineage_tags(root, running="evaluate")
+    assert tags["dvc_lock.vae"] == "aaa.dir"
+    assert "dvc_lock.evaluate" not in tags
+    assert tags["git_dirty"] == "false"
+    (root / "code.py").write_text("b\n")
+    assert lineage.lineage_tags(root)["git_dirty"] == "true"

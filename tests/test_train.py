@@ -191,3 +191,51 @@ def test_diffusion_resume_equals_the_straight_run(processed, tiny_params, vae_ru
         wa, wb = (c["train"]["model"] if part == "model" else c["train"]["ema"]["shadow"] for c in (a, b))
         for k, v in wa.items():
             assert torch.equal(v, wb[k]), k
+
+
+def test_diffusion_training_and_validation_use_the_configs_objective(processed, tiny_params, vae_run, tmp_path,
+                                                                    monkeypatch):
+    """diffusion.loss, prediction, min_snr_gamma and latent_clamp reach every training step and the
+    validation loss (which must be the training objective to be comparable)."""
+    from pokesprite.train import diffusion as stage
+
+    calls = {"train": [], "val": [], "clamp": []}
+    real_loss, real_latents = stage.denoising_loss, stage.sample_latents
+
+    def spy_loss(*args, **kwargs):
+        calls["train" if "shard" in kwargs else "val"].append(
+            {k: kwargs.get(k) for k in ("kind", "prediction", "min_snr_gamma")})
+        return real_loss(*args, **kwargs)
+
+    def spy_latents(mean, logvar, scale, generator=None, clamp=0.0):
+        calls["clamp"].append(clamp)
+        return real_latents(mean, logvar, scale, generator, clamp)
+
+    monkeypatch.setattr(stage, "denoising_loss", spy_loss)
+    monkeypatch.setattr(stage, "sample_latents", spy_latents)
+    cfg = dataclasses.replace(with_train(tiny_params.diffusion, epochs=1, max_train_items=4, batch_size=4,
+                                         sample_every=0),
+                              loss="mse", prediction="v", min_snr_gamma=5.0, latent_clamp=2.5)
+    train_diffusion(cfg, tiny_params.text, data_dir=processed, vae_checkpoint=vae_run[0] / "best.pt",
+                    out_dir=tmp_path, seed=0)
+    assert calls["train"] and calls["val"] and calls["clamp"]
+    assert all(c == {"kind": "mse", "prediction": "v", "min_snr_gamma": 5.0} for c in calls["train"] + calls["val"])
+    assert set(calls["clamp"]) == {2.5}
+
+
+def test_vae_augments_training_batches_only(processed, tiny_params, tmp_path, monkeypatch):
+    """Flip, rotation and jitter are for training: every augmented batch is a training batch, and
+    validation (what picks best.pt) sees the validation sprites as they are."""
+    from pokesprite.train import vae as stage
+
+    seen = []
+    real = stage.augment_batch
+
+    def spy(images, *args):
+        seen.append(len(images))
+        return real(images, *args)
+
+    monkeypatch.setattr(stage, "augment_batch", spy)
+    cfg = with_train(tiny_params.vae, epochs=2, max_train_items=8, batch_size=4, sample_every=0)
+    train_vae(cfg, tiny_params.data, data_dir=processed, out_dir=tmp_path, seed=0)
+    assert seen == [4] * 4  # 2 epochs x 2 batches of 4, nothing else
