@@ -322,7 +322,7 @@ def cmd_models_list(args) -> int:
         return 0
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     known = sorted({m for r in rows for m in r["metrics"]})
-    unknown = [m for m in metrics if known and m not in known]
+    unknown = [m for m in metrics if known and m not in known] if args.metrics != DEFAULT_LIST_METRICS else []
     if unknown:
         print(f"error: --metrics {','.join(unknown)}: no version has {'it' if len(unknown) == 1 else 'them'}; "
               f"choose from {', '.join(known)}", file=sys.stderr)

@@ -374,7 +374,7 @@ def promote(name: str, version: int) -> dict:
     if old is not None and str(old.version) == str(target.version):
         return {"version": int(version), "replaced": None}
     client.set_registered_model_alias(name, CHAMPION, str(version))
-    if (client.get_registered_model(name).aliases or {}).get(CHALLENGER) == str(version):
+    if str((client.get_registered_model(name).aliases or {}).get(CHALLENGER)) == str(version):
         client.delete_registered_model_alias(name, CHALLENGER)
     client.set_model_version_tag(name, str(version), "promotion", "promoted by hand (pokesprite models promote)")
     if old is not None:
