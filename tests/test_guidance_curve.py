@@ -72,12 +72,13 @@ class PerfectScorer:
         return torch.eye(len(captions))  # every sprite matches its own caption best
 
 
-def test_draw_seeds_each_batch_and_passes_the_scale():
+def test_draw_seeds_each_sprite_by_its_index_and_passes_the_scale():
     pipe = FakePipeline()
     cfg = EvaluateConfig(seed=5, batch_size=4)
     images = draw(pipe, [f"caption {i}" for i in range(10)], cfg, "test", guidance_scale=2.0)
     assert images.shape == (10, 3, 8, 8) and images.dtype == torch.uint8
-    assert [(len(p), s, g) for p, s, g in pipe.calls] == [(4, 5, 2.0), (4, 6, 2.0), (2, 7, 2.0)]
+    # a batch starting at sprite i gets seed 5 + i: the pipeline draws its sprite j with seed 5 + i + j
+    assert [(len(p), s, g) for p, s, g in pipe.calls] == [(4, 5, 2.0), (4, 9, 2.0), (2, 13, 2.0)]
     assert images[:, 0, 0, 0].tolist() == [20 + i for i in range(10)]
 
 
