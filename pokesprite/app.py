@@ -172,6 +172,12 @@ def load_studio(model: str, *, device: str | None = None, background=None) -> Sp
                         background=background or logged.get("background") or WHITE)
 
 
+def sprite_notes(req: Request, i: int, model: str) -> dict[str, str]:
+    """What drew sprite ``i`` of ``req``, for its PNG's text notes (``Image.open(path).text``)."""
+    return {"prompt": req.prompt, "seed": str(req.seed + i), "model": model, "sampler": req.sampler,
+            "steps": str(req.steps), "guidance": f"{req.guidance:g}", "Software": "pokesprite"}
+
+
 def save_sprites(images: list[np.ndarray], req: Request, out_dir: Path, *, model: str = "") -> list[Path]:
     """Write the sprites as PNGs named by their seeds into a fresh folder under ``out_dir``, plus a zip of
     them; each PNG's text notes hold its prompt, seed, ``model`` and sampler settings."""
@@ -180,9 +186,7 @@ def save_sprites(images: list[np.ndarray], req: Request, out_dir: Path, *, model
     folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=out_dir))
     paths = [folder / f"sprite_{req.seed + i}.png" for i in range(len(images))]
     for i, (img, path) in enumerate(zip(images, paths)):
-        save_image_atomic(Image.fromarray(img), path, text={
-            "prompt": req.prompt, "seed": req.seed + i, "model": model, "sampler": req.sampler,
-            "steps": req.steps, "guidance": f"{req.guidance:g}", "Software": "pokesprite"})
+        save_image_atomic(Image.fromarray(img), path, text=sprite_notes(req, i, model))
     archive = folder / f"sprites_{req.seed}.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for path in paths:

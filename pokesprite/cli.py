@@ -234,7 +234,7 @@ def sprite_path(folder: Path, prompt: str, seed: int) -> Path:
 
 
 def cmd_generate(args) -> int:
-    from pokesprite.images import key_background, parse_colour, save_image_atomic
+    from pokesprite.images import parse_colour, save_image_atomic
 
     background = parse_colour(args.background, name="--background") if args.background else None
     problem = check_generate_args(args)  # before torch, MLflow and the model load
@@ -243,7 +243,7 @@ def cmd_generate(args) -> int:
         return 2
     from PIL import Image
 
-    from pokesprite.app import ServeError, load_studio
+    from pokesprite.app import Request, ServeError, load_studio, sprite_notes
 
     try:
         studio = load_studio(args.model, device=args.device, background=background)
@@ -257,23 +257,19 @@ def cmd_generate(args) -> int:
         return 2
     for note in pipe.truncation_notes([args.prompt]):  # drawn anyway, from the first tokens
         print(f"warning: {note.replace('prompt 0', 'the prompt', 1)}", file=sys.stderr)
-    images = pipe([args.prompt] * args.n, seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance,
-                  sampler=args.sampler)
-    sampler = args.sampler or pipe.sample.sampler
-    steps = args.steps or pipe.sample.steps
-    guidance = pipe.sample.guidance_scale if args.guidance is None else args.guidance
+    req = Request(args.prompt, args.seed, args.steps or pipe.sample.steps,
+                  pipe.sample.guidance_scale if args.guidance is None else args.guidance, args.n,
+                  args.sampler or pipe.sample.sampler, args.rgb)
+    images = studio.draw(req)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty folder behind
     for i, img in enumerate(images):
-        seed = args.seed + i
-        notes = {"prompt": args.prompt, "seed": seed, "model": studio.label, "sampler": sampler, "steps": steps,
-                 "guidance": f"{guidance:g}", "Software": "pokesprite"}
-        path = sprite_path(out, args.prompt, seed)
-        save_image_atomic(Image.fromarray(img if args.rgb else key_background(img, studio.background)), path,
-                          text=notes)
+        path = sprite_path(out, args.prompt, args.seed + i)
+        save_image_atomic(Image.fromarray(img), path, text=sprite_notes(req, i, studio.label))
         print(path)
     print(f"drew {len(images)} sprite(s) with {studio.label}: seeds {args.seed}..{args.seed + len(images) - 1}, "
-          f"{steps} {sampler} steps, guidance {guidance:g} (each PNG's text notes hold its prompt and settings)",
+          f"{req.steps} {req.sampler} steps, guidance {req.guidance:g} (each PNG's text notes hold its prompt and "
+          "settings)",
           file=sys.stderr)
     return 0
 
