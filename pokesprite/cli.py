@@ -357,6 +357,87 @@ def cmd_models_promote(args) -> int:
     return 0
 
 
+def cmd_models_show(args) -> int:
+    import mlflow
+
+    from pokesprite.registry import version_details
+    from pokesprite.tracking import configure_mlflow
+
+    configure_mlflow(create=False)
+    shown = []
+    for version in [args.version] + ([args.against] if args.against is not None else []):
+        try:
+            shown.append(version_details(args.name, version))
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            from pokesprite.app import registry_hint
+
+            what = f"version {version}" if str(version).isdigit() else f"alias @{version}"
+            print(f"error: no {what} of {args.name!r}: {registry_hint(f'models:/{args.name}')}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(shown[0] if len(shown) == 1 else {"version": shown[0], "against": shown[1]}, indent=2))
+    else:
+        print(format_details(args.name, *shown))
+    return 0
+
+
+def format_details(name: str, row: dict, other: dict | None = None) -> str:
+    """One version for people: what it is, how it was promoted and evaluated, its lineage, every metric and
+    every param; against ``other``, the metrics side by side and only the params that differ."""
+    import datetime as dt
+
+    def created(r):
+        return dt.datetime.fromtimestamp(r["created"] / 1000).strftime("%Y-%m-%d %H:%M") if r["created"] else "-"
+
+    def commit(r):
+        return (r["git_commit"][:8] or "-") + (" (uncommitted changes)" if r.get("git_dirty") == "true" else "")
+
+    def num(x):
+        return "-" if x is None else f"{x:.6g}"
+
+    def table(rows):
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+    aliases = f" (@{', @'.join(row['aliases'])})" if row["aliases"] else ""
+    lines = [f"{name} version {row['version']}{aliases}, created {created(row)}, commit {commit(row)}",
+             f"  promotion: {row['promotion'] or '-'}",
+             f"  evaluated: {row['eval_protocol_desc'] or 'protocol not recorded'}",
+             f"  run:       {row['run_id'] or '-'}"]
+    lines += [f"  {k}: {v}" for k, v in row["tags"].items()]
+    if other is None:
+        lines += ["", "metrics:"] + table([[k, num(v)] for k, v in row["metrics"].items()])
+        lines += ["", f"params ({len(row['params'])}, as the evaluation saw them):"]
+        lines += table([[k, v] for k, v in row["params"].items()])
+        return "\n".join(lines)
+    a, b = f"version {row['version']}", f"version {other['version']}"
+    lines += ["", f"against {b}, created {created(other)}, commit {commit(other)}"]
+    if row["eval_protocol"] != other["eval_protocol"]:
+        lines.append(f"  evaluated differently: {other['eval_protocol_desc'] or 'protocol not recorded'}; "
+                     "the metrics do not compare")
+    lineage = sorted(set(row["tags"]) | set(other["tags"]))
+    moved = [[k, row["tags"].get(k, "-"), other["tags"].get(k, "-")] for k in lineage
+             if k.startswith(("data_", "dvc_lock.", "changed")) and row["tags"].get(k) != other["tags"].get(k)]
+    if moved:
+        lines += ["", "lineage that differs:"] + table([["tag", a, b], *moved])
+    keys = list(row["metrics"]) + [k for k in other["metrics"] if k not in row["metrics"]]
+    rows = [["metric", a, b, "change"]]
+    for k in keys:
+        x, y = row["metrics"].get(k), other["metrics"].get(k)
+        rows.append([k, num(x), num(y), "" if x is None or y is None or num(x) == num(y) else f"{x - y:+.4g}"])
+    lines += [""] + table(rows)
+    names = sorted(set(row["params"]) | set(other["params"]))
+    differ = [[k, row["params"].get(k, "-"), other["params"].get(k, "-")] for k in names
+              if row["params"].get(k) != other["params"].get(k)]
+    if differ:
+        lines += ["", f"params that differ ({len(differ)} of {len(names)}):"] + table([["param", a, b], *differ])
+    else:
+        lines += ["", f"all {len(names)} params are equal"]
+    return "\n".join(lines)
+
+
 def format_versions(rows: list[dict], metrics: list[str]) -> str:
     """The registered versions as a plain-text table, newest first: aliases, metrics, the evaluation
     protocol's fingerprint (metrics compare only under one) and the commit (``*``: uncommitted changes)."""
@@ -485,6 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("version", type=int, help="the version number (pokesprite models list)")
     pr.add_argument("--name", default="pokesprite", help="registered model name (default: pokesprite)")
     pr.set_defaults(func=cmd_models_promote)
+    sh = models.add_parser("show", help="one version: lineage, promotion, every metric and param; --against "
+                                        "another to compare",
+                           description="Print one registered version: its aliases, commit, why it was or was not "
+                                       "promoted, how it was evaluated, its lineage (data and stage hashes), every "
+                                       "metric and every param. With --against, the two versions' metrics side by "
+                                       "side and the params that differ.")
+    sh.add_argument("version", nargs="?", default="champion",
+                    help="a version number or an alias (default: champion)")
+    sh.add_argument("--against", metavar="VERSION", help="compare with this version number or alias")
+    sh.add_argument("--name", default="pokesprite", help="registered model name (default: pokesprite)")
+    sh.add_argument("--json", action="store_true", help="print the version(s) as JSON")
+    sh.set_defaults(func=cmd_models_show)
     from pokesprite.experiments import add_parsers as add_experiment_parsers
 
     add_experiment_parsers(sub)

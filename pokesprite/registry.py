@@ -382,19 +382,42 @@ def promote(name: str, version: int) -> dict:
     return {"version": int(version), "replaced": int(old.version) if old is not None else None}
 
 
-def list_versions(name: str) -> list[dict]:
-    """Every version of ``name``, newest first: version, aliases, creation time, metrics, commit, promotion."""
-    client = mlflow.MlflowClient()
+def _aliases(client, name: str) -> dict[str, list[str]]:
+    """Version number (a string) -> its aliases."""
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    rows = []
-    for v in client.search_model_versions(f"name='{name}'"):
-        rows.append({"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
-                     "created": v.creation_timestamp, "metrics": version_metrics(v),
-                     "git_commit": (v.tags or {}).get("git_commit", ""),
-                     "git_dirty": (v.tags or {}).get("git_dirty", ""),
-                     "eval_protocol": (v.tags or {}).get(PROTOCOL_TAG, ""),
-                     "eval_protocol_desc": (v.tags or {}).get(PROTOCOL_DESC_TAG, ""),
-                     "promotion": (v.tags or {}).get("promotion", ""), "run_id": v.run_id})
+    return aliases
+
+
+def _row(v, aliases: dict[str, list[str]]) -> dict:
+    tags = v.tags or {}
+    return {"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+            "created": v.creation_timestamp, "metrics": version_metrics(v),
+            "git_commit": tags.get("git_commit", ""), "git_dirty": tags.get("git_dirty", ""),
+            "eval_protocol": tags.get(PROTOCOL_TAG, ""), "eval_protocol_desc": tags.get(PROTOCOL_DESC_TAG, ""),
+            "promotion": tags.get("promotion", ""), "run_id": v.run_id}
+
+
+def list_versions(name: str) -> list[dict]:
+    """Every version of ``name``, newest first: version, aliases, creation time, metrics, commit, promotion."""
+    client = mlflow.MlflowClient()
+    aliases = _aliases(client, name)
+    rows = [_row(v, aliases) for v in client.search_model_versions(f"name='{name}'")]
     return sorted(rows, key=lambda r: -r["version"])
+
+
+def version_details(name: str, version: int | str) -> dict:
+    """One version as ``list_versions`` gives it, plus its other tags (lineage: the data's and each stage's
+    DVC hashes, the Prefect flow run, what params.yaml changed against the commit) and the params of
+    the run that registered it (every ``params.yaml`` value the evaluation saw).
+
+    ``version`` is a number or an alias (``champion``)."""
+    client = mlflow.MlflowClient()
+    v = (client.get_model_version(name, str(version)) if str(version).isdigit()
+         else client.get_model_version_by_alias(name, str(version)))
+    row = _row(v, _aliases(client, name))
+    shown = {"git_commit", "git_dirty", PROTOCOL_TAG, PROTOCOL_DESC_TAG, "promotion"}
+    row["tags"] = {k: t for k, t in sorted((v.tags or {}).items()) if not k.startswith(METRIC_TAG) and k not in shown}
+    row["params"] = dict(sorted(client.get_run(v.run_id).data.params.items())) if v.run_id else {}
+    return row

@@ -224,12 +224,22 @@ def test_dvc_exp_run_with_a_changed_param(project):
     promote, why = beats(version_metrics(v2), version_metrics(v1), alignment_tolerance=0.02)
     aliases = client.get_registered_model("pokesprite").aliases
     champion = int(aliases["champion"])
-    if version_metrics(v2)["kid"] != version_metrics(v1)["kid"]:
-        assert champion == (2 if promote else 1) and v2.tags["promotion"] == why
-    else:  # the tags keep 6 digits; registration compared the full-precision KIDs
-        assert champion in (1, 2) and v2.tags["promotion"]
+    assert champion == (2 if promote else 1) and v2.tags["promotion"] == why  # the tags hold the exact floats
     if champion == 1:
         assert int(aliases["challenger"]) == 2
+    # models show: the two versions side by side, the one changed param named with both values
+    shown = run([sys.executable, "-m", "pokesprite.cli", "models", "show", "2", "--against", "1"], root, env).stdout
+    assert shown.startswith("pokesprite version 2 (@") and "against version 1," in shown
+    assert re.search(r"^params that differ \(1 of \d+\):$", shown, re.M), shown
+    assert re.search(r"^  evaluate\.grid_seeds\s+3\s+2$", shown, re.M), shown
+    assert re.search(r"^  changed\s+evaluate\.grid_seeds 2 -> 3\s+none$", shown, re.M), shown
+    kid = f"{version_metrics(v2)['kid']:.6g}"
+    assert re.search(rf"^  kid\s+{re.escape(kid)}\s", shown, re.M), shown
+    one = json.loads(run([sys.executable, "-m", "pokesprite.cli", "models", "show", "--json"], root, env).stdout)
+    assert one["version"] == champion and one["params"]["evaluate.grid_seeds"] in ("2", "3")
+    assert one["metrics"]["kid"] == version_metrics(client.get_model_version("pokesprite", str(champion)))["kid"]
+    missing = run([sys.executable, "-m", "pokesprite.cli", "models", "show", "9"], root, env, check=False)
+    assert missing.returncode == 1 and "no version 9 of 'pokesprite': pokesprite has versions 1, 2;" in missing.stderr
 
 
 def test_registry_promotes_a_better_version_only(project, tmp_path):
