@@ -124,6 +124,13 @@ def cmd_train(args) -> int:
             raise ValueError(f"{args.resume}: not a {kinds} checkpoint (kind {resume_kind!r})")
         if "train" not in ckpt:
             raise ValueError(f"{args.resume}: holds inference weights only; resume from last.pt or epoch_NNNN.pt")
+        differences = stages.resume_differences(ckpt.get("stage_config"), resume_kind, params)
+        if differences:  # a resumed run keeps the checkpoint's schedule (epochs, learning rate) and optimiser
+            raise ValueError(f"{args.resume} was trained under other {resume_kind} settings than {args.config}:\n  "
+                             + "\n  ".join(differences) + "\nA resume continues the same run (its epochs and "
+                             "learning-rate schedule come from the checkpoint): set these back, or train "
+                             "afresh without --resume. Only " + ", ".join(f"train.{k}" for k in stages.OPERATIONAL)
+                             + " may change on a resume.")
     from pokesprite.train import distributed
 
     layout = stages.Layout(args.root, args.out)

@@ -325,26 +325,35 @@ def replay_history(tracker: Tracker, checkpoint: Path | None) -> None:
         tracker.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
 
 
-def checkpoint_config_matches(stored: dict | None, stage: str, params: Params) -> bool:
-    """Whether a checkpoint's stored stage config is what ``params`` gives now: every key of the
-    stage's own section (vae: model, train, loss, ...) and any whole section stored beside them (text)."""
+# Train settings that change how a run is carried out, not what it learns: a resumed run may change them.
+OPERATIONAL = ("max_minutes", "save_every", "checkpoint_every", "log_every", "sample_every", "precision",
+               "channels_last", "compile")
+
+
+def resume_differences(stored: dict | None, stage: str, params: Params) -> list[str]:
+    """How ``params`` differ from the stage config a training checkpoint was written under (its
+    ``stage_config``: the stage's own section and any whole section stored beside it, e.g. text), one
+    line per key; empty when a resume would continue the same run. ``train.OPERATIONAL`` keys may differ:
+    a resume can take a longer time budget or write checkpoints more often."""
     if not isinstance(stored, dict):
-        return False
+        return [f"the checkpoint records no {stage} config"]
     own = to_dict(getattr(params, stage))
     sections = {f.name for f in dataclasses.fields(params)}
-    if any(key not in stored for key in own):
-        return False
-    for key, value in stored.items():
-        if key in own:
-            current = own[key]
-        elif key in sections:
+    current = dict(own)
+    for key in stored:
+        if key not in own and key in sections:
             section = getattr(params, key)
-            current = to_dict(section) if dataclasses.is_dataclass(section) else section
-        else:
-            return False  # written by a trainer that stored something this version does not know
-        if value != current:
-            return False
-    return True
+            current[key] = to_dict(section) if dataclasses.is_dataclass(section) else section
+    old, new = flatten(stored), flatten(current)
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        if key.startswith("train.") and key.removeprefix("train.") in OPERATIONAL:
+            continue
+        before, now = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if before != now:
+            name = f"{stage}.{key}" if key.split(".")[0] in own else key
+            lines.append(f"{name}: {before!r} in the checkpoint, {now!r} now")
+    return lines
 
 
 def resume_hint(stage: str, number: str, layout: Layout, *, params_file: str = "params.yaml",

@@ -130,6 +130,45 @@ def test_cli_refuses_a_wrong_device_or_a_weights_only_resume_before_any_stage(tm
     assert f"{best}: holds inference weights only; resume from last.pt" in capsys.readouterr().err
 
 
+def test_resume_differences_name_what_a_resume_would_ignore(tiny_params):
+    import dataclasses
+
+    from pokesprite.config import to_dict
+    from pokesprite.stages import resume_differences
+
+    stored = {**to_dict(tiny_params.vae), "text": to_dict(tiny_params.text)}
+    assert resume_differences(stored, "vae", tiny_params) == []
+    train = dataclasses.replace(tiny_params.vae.train, epochs=8, lr=5e-3, max_minutes=3.0, save_every=5)
+    changed = dataclasses.replace(tiny_params, vae=dataclasses.replace(tiny_params.vae, train=train),
+                                  text=dataclasses.replace(tiny_params.text, max_tokens=16))
+    assert resume_differences(stored, "vae", changed) == [  # a time budget and the checkpoints' rhythm may change
+        "text.max_tokens: 32 in the checkpoint, 16 now",
+        "vae.train.epochs: 2 in the checkpoint, 8 now",
+        "vae.train.lr: 0.001 in the checkpoint, 0.005 now"]
+    assert resume_differences(None, "vae", tiny_params) == ["the checkpoint records no vae config"]
+
+
+def test_cli_refuses_a_resume_under_other_settings_before_any_stage(tmp_path, tiny_params, capsys, monkeypatch):
+    import yaml
+
+    from pokesprite.cli import main
+    from pokesprite.config import to_dict
+
+    monkeypatch.setenv("POKESPRITE_TRACKING", "off")
+    last = tmp_path / "last.pt"
+    atomic_save({"kind": "vae", "stage_config": {**to_dict(tiny_params.vae), "text": to_dict(tiny_params.text)},
+                 "train": {"epoch": 1}}, last)
+    raw = to_dict(tiny_params)
+    raw["vae"]["train"]["epochs"] = 6
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "params.yaml"), "--resume", str(last), "--root", str(tmp_path),
+                 "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert f"{last} was trained under other vae settings than {tmp_path / 'params.yaml'}:" in err
+    assert "vae.train.epochs: 2 in the checkpoint, 6 now" in err and "train afresh without --resume" in err
+    assert not (tmp_path / "outputs").exists()  # refused before preprocess
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_it_is_named():
     from pokesprite.stages import resolve_device
