@@ -101,7 +101,8 @@ class OneStepObjective:
         _, x0 = p.schedule.eps_and_x0(out, zt, t, p.prediction)
         if p.latent_clamp > 0:
             x0 = x0.clamp(-p.latent_clamp, p.latent_clamp)
-        image_emb = self.align.encode_image(p.decode(x0, tok))
+        # clamped as every drawn sprite is (to_uint8): the scorer must not be pleased by pixels no one sees
+        image_emb = self.align.encode_image(p.decode(x0, tok).clamp(-1, 1))
         if train:
             image_emb = distributed.gather(image_emb)
         keep = ~drop
@@ -122,6 +123,10 @@ def train_finetune(cfg: FinetuneStageConfig, *, data_dir: Path, vae_checkpoint: 
     pipeline = SpritePipeline.from_checkpoints(vae_checkpoint, diff, device)
     vae, unet, text = pipeline.vae, pipeline.unet, pipeline.text
     text.freeze_transformer(cfg.train_layers)
+    if vae.cfg.text_conditioning:
+        log.warning("the VAE decoder reads the text encoder's features, which fine-tuning its top %d layers "
+                    "changes: the pipeline will decode with features the decoder was not trained on",
+                    cfg.train_layers)
     for m in (vae, unet):
         m.requires_grad_(False).eval()
 
