@@ -209,7 +209,7 @@ class VAELossConfig:
     perceptual_size: int = 112  # images are resized to this before the VGG (cost grows with its square)
     kl_weight: float = 0.1  # final KL weight, reached after kl_anneal_epochs (linear from 0)
     kl_anneal_epochs: int = 20
-    free_bits: float = 0.5  # nats per latent channel below which the KL is not penalised
+    free_bits: float = 0.5  # nats per latent element: a channel whose mean KL is below it is not penalised
 
     def __post_init__(self):
         if self.perceptual_net not in ("vgg16", "vgg19"):

@@ -63,7 +63,7 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def kl_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The mean ``gaussian_kl`` of a (B, C, H, W) posterior, with a floor of ``free_bits`` nats per
-    latent channel.
+    latent element, applied channel by channel.
 
     Each channel's KL (nats per element, averaged over batch and positions) is clamped below at
     ``free_bits`` before averaging over channels, so a channel carrying less information than the

@@ -16,7 +16,7 @@ from pokesprite.config import DataConfig, TextConfig, VAEStageConfig, to_dict
 from pokesprite.data.augment import augment_batch
 from pokesprite.data.dataset import SpriteDataset, to_unit_range, to_uint8
 from pokesprite.images import image_grid, save_image_atomic
-from pokesprite.losses import PerceptualLoss, kl_free_bits, kl_weight_at
+from pokesprite.losses import PerceptualLoss, gaussian_kl, kl_free_bits, kl_weight_at
 from pokesprite.models.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from pokesprite.evaluation.image_metrics import psnr
 from pokesprite.models.vae import VAE
@@ -166,7 +166,9 @@ def train_vae(cfg: VAEStageConfig, data_cfg: DataConfig, *, data_dir: Path, out_
         kl = kl_free_bits(mean.float(), logvar.float(), w.free_bits, reduce=distributed.mean)
         kl_weight = kl_weight_at(epoch - 1, w.kl_weight, w.kl_anneal_epochs)
         rec = w.l1_weight * l1
-        extra = {"l1": l1.detach(), "kl": kl.detach(), "kl_weight": kl_weight}
+        # "kl": the plain KL, as validation measures it; "kl_floored": what the loss weighs (free bits)
+        extra = {"l1": l1.detach(), "kl": gaussian_kl(mean.detach().float(), logvar.detach().float()).mean(),
+                 "kl_floored": kl.detach(), "kl_weight": kl_weight}
         if perceptual is not None:
             p = perceptual(recon, x).float()
             rec = rec + w.perceptual_weight * p
