@@ -73,24 +73,25 @@ REFERENCE_KEYS = ("seed", "kid_subsets", "kid_subset_size", "candidates", "score
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("preprocess", stages.run_preprocess, params=("seed", "data", "text"),
               deps=("data",), outs=("outputs/preprocess",)),
-    # The FID/KID reference and the independent scorer: the data and these evaluate keys only, so
-    # experiments that change training or sampling do not redo it.
-    StageSpec("reference", stages.run_reference, params=("seed", "data", *(f"evaluate.{k}" for k in REFERENCE_KEYS)),
+    # Each stage lists the keys it reads itself; what preprocess made of `data` reaches the others
+    # through outputs/preprocess. The FID/KID reference and the independent scorer read these evaluate
+    # keys only, so experiments that change training, augmentation or sampling do not redo them.
+    StageSpec("reference", stages.run_reference, params=tuple(f"evaluate.{k}" for k in REFERENCE_KEYS),
               deps=("outputs/preprocess",), outs=("outputs/reference",)),
-    StageSpec("alignment", stages.run_alignment, params=("seed", "data", "finetune.alignment"),
+    StageSpec("alignment", stages.run_alignment, params=("seed", "finetune.alignment"),
               deps=("outputs/preprocess",), outs=("outputs/alignment",), files=("plots/alignment.csv",),
               parallel=True),
-    StageSpec("vae", stages.run_vae, params=("seed", "data", "text", "vae"),
+    StageSpec("vae", stages.run_vae, params=("seed", "data.augment", "data.background", "text", "vae"),
               deps=("outputs/preprocess",), outs=("outputs/vae",), files=("plots/vae.csv",),
               number="1", resumable=True, parallel=True),
-    StageSpec("diffusion", stages.run_diffusion, params=("seed", "data", "text", "diffusion"),
+    StageSpec("diffusion", stages.run_diffusion, params=("seed", "text", "diffusion"),
               deps=("outputs/preprocess", "outputs/vae/best.pt"), outs=("outputs/diffusion",),
               files=("plots/diffusion.csv",), number="2", resumable=True, parallel=True),
-    StageSpec("finetune", stages.run_finetune, params=("seed", "data", "finetune"),
+    StageSpec("finetune", stages.run_finetune, params=("seed", "finetune"),
               deps=("outputs/preprocess", "outputs/vae/best.pt", "outputs/diffusion/best.pt", "outputs/alignment"),
               outs=("outputs/finetune",), files=("plots/finetune.csv",), number="3", resumable=True,
               parallel=True),
-    StageSpec("evaluate", stages.run_evaluate, params=("seed", "data", "finetune.alignment", "evaluate", "mlflow"),
+    StageSpec("evaluate", stages.run_evaluate, params=("data.background", "finetune.alignment", "evaluate", "mlflow"),
               deps=("outputs/preprocess", "outputs/reference", "outputs/alignment", "outputs/vae/best.pt",
                     "outputs/diffusion/best.pt", "outputs/finetune/model"),
               outs=("outputs/evaluate",), files=("plots/sample_grid.png",),

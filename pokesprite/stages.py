@@ -155,8 +155,10 @@ def write_plot(path: Path, history: dict[str, list[tuple[int, float]]], columns:
 def stage_params(params: Params, keys: tuple[str, ...]) -> dict:
     """The values of params.yaml ``keys`` (sections or dotted sub-keys), flattened as MLflow params:
     ("seed", "evaluate.seed", "text") -> {"seed": 0, "evaluate.seed": 0, "text.model": ..., "text.dim": ...}."""
-    def plain(value):
-        return to_dict(value) if dataclasses.is_dataclass(value) else value
+    def plain(value):  # as to_dict writes a section: tuples as lists
+        if dataclasses.is_dataclass(value):
+            return to_dict(value)
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     values = {}
     for key in keys:
