@@ -311,6 +311,10 @@ class FinetuneStageConfig:
     def __post_init__(self):
         require(0 <= self.t_min <= self.t_max, "t_min", f">= 0 and at most t_max ({self.t_max})", self.t_min)
         require(self.train_layers >= 0, "train_layers", ">= 0", self.train_layers)
+        for key in ("sample_every", "channels_last", "compile"):  # shared TrainConfig keys stage 3 has no use for
+            require(getattr(self.train, key) == getattr(TrainConfig, key), f"train.{key}",
+                    f"left out ({getattr(TrainConfig, key)}): stage 3 draws its grid once, at the end, and "
+                    "neither converts nor compiles the frozen networks", getattr(self.train, key))
         for key in ("alignment_weight", "consistency_weight"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
