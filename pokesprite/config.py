@@ -174,8 +174,9 @@ class TrainConfig:
     sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
     checkpoint_every: int = 10  # also keep epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)
     save_every: int = 1  # write last.pt (and a pending best.pt) every N epochs and after the last
-    # > 0: a wall-clock budget for the stage. After the first epoch the run measures its epoch time
-    # and, if ``epochs`` would not fit, trains fewer epochs with the one-cycle schedule re-fitted to them.
+    # > 0: a wall-clock budget for the stage. After the second epoch (the first also pays for warm-up)
+    # the run measures its epoch time and, if ``epochs`` would not fit, trains fewer epochs with the
+    # one-cycle schedule re-fitted to them.
     max_minutes: float = 0.0
     # fp32, or bf16: autocast of the forward passes to bfloat16 (weights and optimiser state stay fp32)
     precision: str = "fp32"
@@ -220,7 +221,7 @@ class VAELossConfig:
 class DiscriminatorConfig:
     """The VAE's optional patch discriminator (hinge loss), as in latent diffusion's autoencoders."""
     weight: float = 0.0  # adversarial loss weight, times the adaptive weight (0 = no discriminator)
-    start_epoch: int = 0  # first epoch with the adversarial loss: after the reconstruction has settled
+    start_epoch: int = 0  # first epoch (counted from 1) with the adversarial loss; 0 and 1: from the start
     channels: int = 64
     layers: int = 3  # stride-2 layers; 3 judges ~70 px patches
     lr: float = 1.0e-4  # the discriminator's AdamW learning rate (constant)
@@ -250,7 +251,8 @@ class DiffusionStageConfig:
     cond_drop_prob: float = 0.1  # captions replaced by "" in training, for classifier-free guidance
     ema_decay: float = 0.999  # EMA of the U-Net and text projection used for sampling (0 = off)
     # > 0: instead of ema_decay, the decay whose half-life is this fraction of the run's optimiser steps
-    # (epochs x steps per epoch), so short and long runs average over the same share of training
+    # (train.epochs x steps per epoch), so short and long runs average over the same share of training;
+    # sized on train.epochs, before a max_minutes budget shortens the run
     ema_half_life: float = 0.0
     loss: str = "huber"  # noise-prediction loss: huber (SmoothL1, the seed's) or mse
     latent_clamp: float = 3.0  # scaled latents and predicted x0 are clamped to +-this (0 = off)

@@ -1,8 +1,8 @@
-"""Text-conditioned U-Net that predicts the noise in 27x27x8 latents.
+"""Text-conditioned U-Net that predicts the noise (or v, ``diffusion.prediction``) in 27x27x8 latents.
 
 Resolutions 27 -> 14 -> 7 (stride-2 convs round up, upsampling resizes to the skip's exact size,
 so no pixel is dropped). The U-Net knows nothing of the noise schedule: it maps
-(noisy latent, timestep, text tokens) -> predicted noise.
+(noisy latent, timestep, text tokens) -> predicted noise or v.
 """
 from __future__ import annotations
 

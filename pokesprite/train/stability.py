@@ -6,8 +6,8 @@ without reading anything back to the host:
 1. A non-finite loss or gradient norm makes the batch *skipped*: the returned ``ok`` flag is false,
    the optimiser skips its update (fused AdamW's ``found_inf``) and the EMA does not move. It is counted.
 2. A finite norm far above its running mean (``explosion_factor`` times) is an *explosion*: it is
-   counted and clipped to the running mean instead of ``grad_clip``, so one bad batch moves the
-   weights no more than a typical one. Otherwise the norm is clipped to ``grad_clip`` as usual.
+   counted and clipped to the running mean (or to ``grad_clip`` when that is lower), so one bad batch
+   moves the weights no more than a typical one. Otherwise the norm is clipped to ``grad_clip`` as usual.
 
 The counts live on the device; ``check()`` reads them (one host sync) every ``train.log_every`` steps
 and at the end of each epoch, and after ``max_bad_batches`` skipped batches stops training with
