@@ -65,9 +65,15 @@ def processes() -> int:
 
 def relaunch_under_torchrun(stage: str, params_file: str, n: int, restarts: int = 0):
     """Replace this process by ``torchrun`` running this same command on ``n`` processes; a failed
-    group is started again ``restarts`` times (``prefect.retries``), resuming from its last.pt."""
+    group is started again ``restarts`` times (``prefect.retries``), resuming from its last.pt.
+
+    Without ``PREFECT_API_URL``, torchrun runs under ``flows.server``: one Prefect server outside the
+    group. A temporary server of process 0's own would be in the process group that torchrun stops
+    when another process fails, and process 0 could then not report its flow run as crashed."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
             f"--max-restarts={restarts}", "-m", "flows.run", stage, "--params", params_file]
+    if not os.environ.get("PREFECT_API_URL"):
+        argv = [sys.executable, "-m", "flows.server", "--", *argv]
     logging.getLogger(__name__).info("%s on %d processes: %s", stage, n, " ".join(argv[1:]))
     sys.stdout.flush(), sys.stderr.flush()
     os.execv(sys.executable, argv)

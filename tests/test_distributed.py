@@ -16,6 +16,7 @@ both runs here have dropout off (a sitecustomize that makes dropout the identity
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -128,8 +129,8 @@ def test_the_dvc_stage_command_runs_on_the_processes_pokesprite_nproc_says(runs)
     root = runs["two"]
     log = (root / "flow.log").read_text()
     # prefect.retries (0 in the tiny profile) becomes torchrun's restarts of the whole group
-    assert ("vae on 2 processes: -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=0 "
-            "-m flows.run vae") in log
+    assert ("vae on 2 processes: -m flows.server -- " in log and "-m torch.distributed.run --standalone "
+            "--nproc_per_node=2 --max-restarts=0 -m flows.run vae" in log)  # one Prefect server outside the group
     assert log.count("vae done in") == 1  # process 0 finished the stage; the other wrote nothing
     assert "Finished in state Completed()" in log  # the Prefect flow run (process 0's)
     assert (root / "metrics" / "vae.json").is_file() and (root / "runs" / "vae.json").is_file()
@@ -158,3 +159,45 @@ def test_the_batch_must_split_evenly(runs, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "vae.train.batch_size must be a multiple of the number of processes (2), got 3" in result.stderr
+
+
+FAIL_ON_RANK_1 = """import os
+import torch
+
+if os.environ.get("RANK") == "1":  # process 1 fails at its second optimiser step, as on a GPU out of memory
+    _step, _count = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):
+        _count[0] += 1
+        if _count[0] == 2:
+            raise RuntimeError("process 1 fails here")
+        return _step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+"""
+
+
+def test_a_failing_process_ends_the_flow_run_as_crashed(runs, tmp_path):
+    """When one process fails, torchrun stops the others' process groups: process 0 must still reach
+    the Prefect server to end its flow run (Crashed), and exit at once rather than be killed 30 s later."""
+    import sqlite3
+
+    root = tmp_path / "failing"
+    shutil.copytree(runs["one"] / "data", root / "data")
+    shutil.copytree(runs["one"] / "outputs" / "preprocess", root / "outputs" / "preprocess")
+    (root / "params.yaml").write_text(project_params())
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CI": "1", "OMP_NUM_THREADS": "1", "POKESPRITE_NPROC": "2",
+           "PREFECT_HOME": str(root / ".prefect"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(ROOT)])}
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "POKESPRITE_TRACKING"):
+        env.pop(var, None)
+    result = subprocess.run([sys.executable, "-m", "flows.run", "vae"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "process 1 fails here" in log
+    assert "forcefully exiting via 9" not in log, log[-4000:]  # process 0 ended on torchrun's SIGTERM
+    with contextlib.closing(sqlite3.connect(root / ".prefect" / "prefect.db")) as db:
+        states = db.execute("SELECT name, state_type FROM flow_run").fetchall()
+    assert states == [("vae", "CRASHED")], log[-4000:]
