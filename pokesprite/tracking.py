@@ -341,9 +341,6 @@ class Tracker:
             self._writer = SummaryWriter(str(self.tensorboard_dir), flush_secs=30)
         return self._writer
 
-    def log_params(self, params: dict) -> None:
-        pass
-
     def log_step(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for k, v in scalars.items():
@@ -372,11 +369,6 @@ class Tracker:
 
 class MlflowTracker(Tracker):
     """Writes to the currently active MLflow run."""
-
-    def log_params(self, params: dict) -> None:
-        import mlflow
-
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import mlflow

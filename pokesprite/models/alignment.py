@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KIND = "alignment"
 TEXT_MAX_TOKENS = 256  # captions are up to ~206 MiniLM tokens
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the scale at 100
 VGG_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}  # output channels of each VGG block (16 and 19)
 
 
@@ -111,10 +110,6 @@ class _Frozen(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
-
-    def score(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Cosine similarity of each image with its own caption, (B,); differentiable w.r.t. the images."""
-        return (self.encode_image(images) * self.encode_text(captions)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- the model trained here
