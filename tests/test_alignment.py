@@ -101,6 +101,18 @@ def test_save_load_round_trip(trained, sprites, tmp_path):
     assert load_alignment(AlignmentConfig(), trained=tmp_path / "absent.pt") is None
 
 
+def test_a_checkpoint_of_another_architecture_is_refused(trained, tmp_path):
+    """Checkpoints record the towers and heads (``ARCHITECTURE``); pokesprite builds only that one."""
+    model, _ = trained
+    path = tmp_path / "alignment.pt"
+    model.save(path, TINY)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hparams"]["head_hidden"] = 64  # the 2-layer MLP head of earlier experiments
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="alignment.pt: an alignment model built with .*head_hidden': 64"):
+        AlignmentModel.load(path)
+
+
 def test_gradients_reach_images_but_weights_stay_frozen(trained, sprites):
     model, _ = trained
     images = sprites[0][:3].clone().requires_grad_(True)

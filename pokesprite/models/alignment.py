@@ -13,7 +13,7 @@ open_clip's contrastive ``ClipLoss``.
 * heads: standardise the tower features with the training split's statistics, dropout, then one
   linear projection to ``dim``; L2-normalised outputs and a learnable CLIP temperature. With ~700
   pairs the heads overfit within a few epochs; a 2-layer MLP head gave no better validation loss,
-  while input dropout 0.5 raised validation retrieval a little (``head_hidden`` keeps the MLP option).
+  while input dropout 0.5 raised validation retrieval a little.
 
 Because the towers are frozen, ``pokesprite.train.alignment.train_alignment`` runs them once over
 the data and trains only the heads on the cached features (seconds on a CPU). When
@@ -47,6 +47,10 @@ CHECKPOINT_KIND = "alignment"
 TEXT_MAX_TOKENS = 256  # captions are up to ~206 MiniLM tokens
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 VGG_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}  # output channels of each VGG block (16 and 19)
+TEXT_TOWER, IMAGE_TOWER, VGG_BLOCK, HEAD_DROPOUT = "bundled", "vgg19", 4, 0.5  # the choices measured above
+# What checkpoints record of the towers and heads besides dim and image_size (these were options once).
+ARCHITECTURE = {"text_model": TEXT_TOWER, "vgg": IMAGE_TOWER, "vgg_blocks": VGG_BLOCK, "max_pool": True,
+                "head_hidden": 0, "head_dropout": HEAD_DROPOUT}
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -115,22 +119,15 @@ class _Frozen(nn.Module):
 # ----------------------------------------------------------------------------- the model trained here
 
 class ProjectionHead(nn.Module):
-    """Standardise frozen tower features (training-split statistics), then project to ``dim``.
-
-    ``hidden=0`` is a single linear layer; ``hidden>0`` a 2-layer GELU MLP. Dropout acts on the
-    standardised input features during training only.
+    """Standardise frozen tower features (training-split statistics), then one linear layer to ``dim``.
+    Dropout acts on the standardised input features during training only.
     """
 
-    def __init__(self, in_dim: int, dim: int, *, hidden: int = 0, dropout: float = 0.0):
+    def __init__(self, in_dim: int, dim: int, *, dropout: float = 0.0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
-        layers: list[nn.Module] = [nn.Dropout(dropout)]
-        if hidden:
-            layers += [nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, dim)]
-        else:
-            layers += [nn.Linear(in_dim, dim)]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, dim))  # state keys net.1.*
 
     @torch.no_grad()
     def fit_stats(self, features: torch.Tensor) -> None:
@@ -162,20 +159,16 @@ def build_image_tower(name: str = "vgg19") -> nn.Module:
 class AlignmentModel(_Frozen):
     """Frozen MiniLM + VGG towers with trainable projection heads to a shared ``dim``-d space."""
 
-    def __init__(self, *, dim: int = 256, image_size: int = 112, text_model: str = "bundled",
-                 vgg: str = "vgg19", vgg_blocks: int = 4, max_pool: bool = True, head_hidden: int = 0,
-                 head_dropout: float = 0.5):
+    def __init__(self, *, dim: int = 256, image_size: int = 112):
         super().__init__()
-        self.hparams = {"dim": dim, "image_size": image_size, "text_model": text_model, "vgg": vgg,
-                        "vgg_blocks": vgg_blocks, "max_pool": max_pool, "head_hidden": head_hidden,
-                        "head_dropout": head_dropout}
-        self.image_size, self.vgg_blocks, self.max_pool = image_size, vgg_blocks, max_pool
-        self.text_tower, self.tokenizer = build_text_tower(text_model)
-        self.image_tower = build_image_tower(vgg)
+        self.hparams = {"dim": dim, "image_size": image_size, **ARCHITECTURE}
+        self.image_size = image_size
+        self.text_tower, self.tokenizer = build_text_tower(TEXT_TOWER)
+        self.image_tower = build_image_tower(IMAGE_TOWER)
         text_dim = self.text_tower.config.hidden_size
-        image_dim = VGG_CHANNELS[vgg_blocks] * (2 if max_pool else 1)
-        self.text_head = ProjectionHead(text_dim, dim, hidden=head_hidden, dropout=head_dropout)
-        self.image_head = ProjectionHead(image_dim, dim, hidden=head_hidden, dropout=head_dropout)
+        image_dim = 2 * VGG_CHANNELS[VGG_BLOCK]  # average + max pooled
+        self.text_head = ProjectionHead(text_dim, dim, dropout=HEAD_DROPOUT)
+        self.image_head = ProjectionHead(image_dim, dim, dropout=HEAD_DROPOUT)
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
 
     def train(self, mode: bool = True):
@@ -196,14 +189,11 @@ class AlignmentModel(_Frozen):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Globally pooled VGG features (block ``vgg_blocks``) of images in [-1, 1], (B, 512 or 1024);
-        differentiable with respect to the images."""
+        """Globally average and max pooled VGG features (block ``VGG_BLOCK``) of images in [-1, 1],
+        (B, 1024); differentiable with respect to the images."""
         x = _resize(images.to(self.device), self.image_size)
-        fmap = self.image_tower(x, blocks=self.vgg_blocks)[-1]
-        pooled = [fmap.mean((2, 3))]
-        if self.max_pool:
-            pooled.append(fmap.amax((2, 3)))
-        return torch.cat(pooled, dim=1)
+        fmap = self.image_tower(x, blocks=VGG_BLOCK)[-1]
+        return torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], dim=1)
 
     # -- joint space --
 
@@ -250,7 +240,12 @@ class AlignmentModel(_Frozen):
         from pokesprite.checkpoints import load_checkpoint
 
         ckpt = load_checkpoint(path, CHECKPOINT_KIND)
-        model = cls(**ckpt["hparams"])
+        hparams = dict(ckpt["hparams"])
+        built = {k: hparams.pop(k) for k in ARCHITECTURE if k in hparams}
+        if any(ARCHITECTURE[k] != v for k, v in built.items()):
+            raise ValueError(f"{path}: an alignment model built with {built}; pokesprite builds {ARCHITECTURE} "
+                             "only: train it again (dvc repro --force alignment)")
+        model = cls(**hparams)
         model.load_trained_state(ckpt["state"])
         return model.to(device).freeze()
 

@@ -21,13 +21,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with a residual path; optionally shifted by a time embedding."""
 
-    def __init__(self, c_in: int, c_out: int, *, groups: int, time_dim: int = 0, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, *, groups: int, time_dim: int = 0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.time = nn.Linear(time_dim, c_out) if time_dim else None
         self.norm2 = nn.GroupNorm(groups, c_out)
-        self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -35,7 +34,7 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time is not None:
             h = h + self.time(F.silu(t_emb))[:, :, None, None]
-        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        h = self.conv2(F.silu(self.norm2(h)))
         return h + self.skip(x)
 
 

@@ -28,6 +28,7 @@ from pokesprite.train.loop import Stage, fit
 
 logger = logging.getLogger(__name__)
 HEADS_KIND = "alignment_heads"  # the checkpoints fit writes while training the heads
+WEIGHT_DECAY = 0.1  # AdamW on the heads: ~700 pairs overfit fast (the first version's value, untuned)
 
 
 def cache_features(model: AlignmentModel, images: torch.Tensor, captions: list[str],
@@ -67,9 +68,10 @@ class Heads(nn.Module):
 
 def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Tensor, torch.Tensor],
               val: tuple[torch.Tensor, torch.Tensor] | None = None, *, seed: int, tracker: Tracker | None = None,
-              weight_decay: float = 0.1, out_dir: Path | None = None) -> list[dict]:
+              out_dir: Path | None = None) -> list[dict]:
     """Train the heads and temperature on cached (image, text) tower features with the shared ``fit``
-    (AdamW, one-cycle learning rate peaking at ``cfg.lr``, the stability guard); returns its history.
+    (AdamW with ``WEIGHT_DECAY``, one-cycle learning rate peaking at ``cfg.lr``, the stability guard);
+    returns its history.
 
     Each step is open_clip's ``ClipLoss`` over a seeded shuffled batch of ``cfg.batch_size`` pairs (the
     temperature's exponential is capped at 100, as in CLIP). The heads' standardisation is fitted on
@@ -105,7 +107,7 @@ def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Te
                   export=lambda: {"heads": model.trained_state()}, generator=g,
                   batches=lambda epoch: batch_indices(n, bs, shuffle=True, generator=g),
                   steps_per_epoch=steps_per_epoch(n, bs), config=asdict(cfg), device=model.device)
-    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=bs, lr=cfg.lr, weight_decay=weight_decay,
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=bs, lr=cfg.lr, weight_decay=WEIGHT_DECAY,
                             save_every=cfg.epochs, checkpoint_every=0)
     model.train()
     with contextlib.ExitStack() as stack:
@@ -120,16 +122,14 @@ def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Te
 
 def train_alignment(cfg: AlignmentConfig, train_images: torch.Tensor, train_captions: list[str],
                     val_images: torch.Tensor | None, val_captions: list[str] | None, *, seed: int, device="cpu",
-                    tracker: Tracker | None = None, weight_decay: float = 0.1,
-                    **model_kwargs) -> tuple[AlignmentModel, list[dict]]:
+                    tracker: Tracker | None = None) -> tuple[AlignmentModel, list[dict]]:
     """Build an ``AlignmentModel``, cache its towers' features once, train its heads; return it frozen.
 
     Images are (N, 3, H, W) in [-1, 1]. See ``fit_heads`` for the training and the model selection
-    (lowest validation ClipLoss). ``model_kwargs`` go to ``AlignmentModel`` (e.g. ``head_hidden``,
-    ``vgg_blocks``). Reseeds torch's global RNG with ``seed`` (head initialisation, dropout).
+    (lowest validation ClipLoss). Reseeds torch's global RNG with ``seed`` (head initialisation, dropout).
     """
     torch.manual_seed(seed)
-    model = AlignmentModel(dim=cfg.dim, image_size=cfg.image_size, **model_kwargs).to(device)
+    model = AlignmentModel(dim=cfg.dim, image_size=cfg.image_size).to(device)
     t0 = time.perf_counter()
     train = tuple(t.to(device) for t in cache_features(model, train_images, train_captions, cfg.batch_size))
     val = None
@@ -138,7 +138,7 @@ def train_alignment(cfg: AlignmentConfig, train_images: torch.Tensor, train_capt
     logger.info("alignment: cached %d train / %d val tower features in %.1fs", len(train[0]),
                 len(val[0]) if val else 0, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    history = fit_heads(model, cfg, train, val, seed=seed, tracker=tracker, weight_decay=weight_decay)
+    history = fit_heads(model, cfg, train, val, seed=seed, tracker=tracker)
     best = min(history, key=lambda h: h["val_loss"])
     logger.info("alignment: trained heads for %d epochs in %.1fs; best %s", len(history), time.perf_counter() - t0,
                 {k: round(v, 4) for k, v in best.items()})
