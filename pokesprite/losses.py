@@ -1,4 +1,5 @@
-"""Training losses: VGG perceptual distance, free-bits KL with its annealed weight, noise prediction."""
+"""Training losses: VGG perceptual distance, free-bits KL with its annealed weight, noise prediction, and
+CLIP's contrastive loss with its capped temperature."""
 from __future__ import annotations
 
 from typing import Callable
@@ -110,15 +111,32 @@ def noise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str,
     return (weight.to(per_sample.dtype) * per_sample).mean()
 
 
-def masked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
-                     keep: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric contrastive loss (Radford et al. 2021; open_clip's ``ClipLoss``) over the rows
-    where ``keep`` is true, computed on all N rows: shapes never depend on ``keep`` and nothing is read
-    on the host. 0 when fewer than two rows are kept (a contrastive loss needs two pairs).
+MAX_CLIP_SCALE = 100.0  # CLIP (Radford et al. 2021) clamps exp(logit_scale) at 100
 
-    Left-out rows and columns get a logit of -1e4 instead of -inf, so that no softmax is over -inf
-    alone (its gradient would be NaN); with logits of at most |scale| <= 100 they weigh exp(-1e4) = 0.
+
+def clip_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The CLIP temperature that multiplies the cosines: exp(logit_scale), clamped at 100 as in CLIP."""
+    return logit_scale.exp().clamp(max=MAX_CLIP_SCALE)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021) of N (image, caption) pairs: the mean of
+    the cross-entropies of each image over all captions and of each caption over all images, the
+    matching pair being the target. ``scale`` multiplies the cosines (``clip_scale``).
+
+    Without ``keep`` it computes exactly what open_clip's ``ClipLoss()`` (one process) does. With
+    ``keep`` (N,) bool, only the rows where it is true take part, computed on all N rows: shapes never
+    depend on ``keep`` and nothing is read on the host; 0 when fewer than two rows are kept (a
+    contrastive loss needs two pairs). Left-out rows and columns get a logit of -1e4 instead of -inf,
+    so that no softmax is over -inf alone (its gradient would be NaN); with logits of at most
+    |scale| <= 100 they weigh exp(-1e4) = 0.
     """
+    if keep is None:
+        target = torch.arange(len(image_emb), device=image_emb.device)
+        per_image = scale * image_emb @ text_emb.T  # (N, N): image i against caption j
+        per_text = scale * text_emb @ image_emb.T
+        return (F.cross_entropy(per_image, target) + F.cross_entropy(per_text, target)) / 2
     logits = scale * image_emb.float() @ text_emb.float().T  # (N, N): image i against caption j
     pair = keep[:, None] & keep[None, :]
     logits = logits.masked_fill(~pair, -1e4)

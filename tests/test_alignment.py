@@ -1,4 +1,4 @@
-"""The stage-3 alignment model: metrics, ClipLoss, head training, persistence, gradients, open_clip."""
+"""The stage-3 alignment model: metrics, the CLIP loss, head training, persistence, gradients, open_clip."""
 from __future__ import annotations
 
 import hashlib
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from open_clip.loss import ClipLoss
 
 from pokesprite.config import AlignmentConfig, load_params
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.evaluation.retrieval import mean_matched_cosine, r_precision, retrieval_accuracy
+from pokesprite.losses import clip_loss
 from pokesprite.models.alignment import AlignmentModel, OpenClipAlignment, load_alignment, similarity_matrix
 from pokesprite.train.alignment import train_alignment
 
@@ -27,9 +27,8 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 def test_clip_loss_prefers_aligned_pairs():
     z = unit(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
-    loss = ClipLoss()
-    aligned = loss(z, z, torch.tensor(10.0))
-    shuffled = loss(z, z.roll(1, dims=0), torch.tensor(10.0))
+    aligned = clip_loss(z, z, torch.tensor(10.0))
+    shuffled = clip_loss(z, z.roll(1, dims=0), torch.tensor(10.0))
     assert aligned < shuffled
 
 
@@ -199,7 +198,7 @@ def test_text_features_are_pooled_over_real_tokens_only(trained):
 
 def test_the_temperature_is_capped_at_100_as_in_clip(trained):
     """scale = exp(logit_scale) clamped at 100 (CLIP): a run whose logit_scale drifts high cannot make
-    the contrastive logits (and masked_clip_loss's -1e4 margin) blow up."""
+    the contrastive logits (and clip_loss's -1e4 margin for left-out rows) blow up."""
     import math
 
     model, _ = trained

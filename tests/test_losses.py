@@ -223,21 +223,60 @@ def test_perceptual_loss_under_bf16_autocast_matches_fp32(vgg19):
     assert torch.isfinite(bf16) and bf16.item() == pytest.approx(fp32.item(), rel=0.05)
 
 
-def test_masked_clip_loss_is_open_clips_loss_on_the_kept_rows():
+def reference_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
+    """CLIP's symmetric loss written out row by row: -log softmax of each matching pair, per image over
+    the captions and per caption over the images, in float64."""
+    img, txt = img.double(), txt.double()
+    terms = []
+    for i in range(len(img)):
+        terms.append(-torch.log_softmax(scale * txt @ img[i], dim=0)[i])  # image i against every caption
+        terms.append(-torch.log_softmax(scale * img @ txt[i], dim=0)[i])  # caption i against every image
+    return torch.stack(terms).sum() / (2 * len(img))
+
+
+@pytest.mark.parametrize("n", [2, 7, 64])
+def test_clip_loss_is_the_row_by_row_definition_and_open_clips_loss(n):
     from open_clip.loss import ClipLoss
 
-    from pokesprite.losses import masked_clip_loss
+    from pokesprite.losses import clip_loss
+
+    g = torch.Generator().manual_seed(n)
+    img = F.normalize(torch.randn(n, 32, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(n, 32, generator=g), dim=-1)
+    scale = torch.tensor(1 / 0.07)
+    loss = clip_loss(img, txt, scale)
+    assert loss.item() == pytest.approx(reference_clip_loss(img, txt, scale.item()).item(), rel=1e-5)
+    assert torch.equal(loss, ClipLoss()(img, txt, scale))  # the same operations as open_clip's, bit for bit
+    every = torch.ones(n, dtype=torch.bool)
+    assert clip_loss(img, txt, scale, every).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_clip_scale_is_the_exponential_capped_at_100():
+    from pokesprite.losses import clip_scale
+
+    assert clip_scale(torch.tensor(math.log(50.0))).item() == pytest.approx(50.0)
+    assert clip_scale(torch.tensor(10.0)).item() == 100.0  # exp(10) ~ 22026
+    logit_scale = torch.tensor(math.log(20.0), requires_grad=True)
+    clip_scale(logit_scale).backward()
+    assert logit_scale.grad.item() == pytest.approx(20.0)  # below the cap the temperature still learns
+
+
+def test_masked_clip_loss_is_clip_loss_on_the_kept_rows():
+    from open_clip.loss import ClipLoss
+
+    from pokesprite.losses import clip_loss
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_()
     txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
     scale = torch.tensor(20.0)
     every = torch.ones(6, dtype=torch.bool)
-    assert torch.allclose(masked_clip_loss(img, txt, scale, every), ClipLoss()(img, txt, scale), atol=1e-5)
+    assert torch.allclose(clip_loss(img, txt, scale, every), ClipLoss()(img, txt, scale), atol=1e-5)
     keep = torch.tensor([True, False, True, True, False, True])
-    loss = masked_clip_loss(img, txt, scale, keep)
+    loss = clip_loss(img, txt, scale, keep)
     assert torch.allclose(loss, ClipLoss()(img[keep], txt[keep], scale), atol=1e-5)
+    assert loss.item() == pytest.approx(reference_clip_loss(img[keep].detach(), txt[keep], 20.0).item(), rel=1e-5)
     loss.backward()
     assert torch.isfinite(img.grad).all() and img.grad[~keep].abs().max() == 0  # left-out rows get no gradient
     one = torch.tensor([False, False, True, False, False, False])
-    assert masked_clip_loss(img, txt, scale, one).item() == 0.0  # one pair: nothing to contrast
+    assert clip_loss(img, txt, scale, one).item() == 0.0  # one pair: nothing to contrast

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pokesprite.checkpoints import atomic_save, load_checkpoint
+from pokesprite.losses import clip_loss, clip_scale
 
 WORD = re.compile(r"[a-z]+")
 
@@ -97,13 +98,11 @@ class IndependentScorer(nn.Module):
         words = model.words(captions)
         standardised = (features.float() - model.image_mean) / model.image_std  # once, not every epoch
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        target = torch.arange(len(captions))
         model.train()
         for _ in range(epochs):
             img = F.normalize(model.image(model.dropout(standardised)), dim=1)
             txt = F.normalize(model.text(model.dropout(words)), dim=1)
-            logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            loss = clip_loss(img, txt, clip_scale(model.logit_scale))
             opt.zero_grad()
             loss.backward()
             opt.step()

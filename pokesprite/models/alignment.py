@@ -2,7 +2,7 @@
 
 No CLIP weights can be downloaded, so by default pokesprite trains its own on the training split:
 two FROZEN pretrained towers with small trainable projection heads on top, trained with
-open_clip's contrastive ``ClipLoss``.
+CLIP's contrastive loss (``pokesprite.losses.clip_loss``).
 
 * text tower: a separate frozen copy of the bundled all-MiniLM-L6-v2, mean-pooled over the
   attention mask (as sentence-transformers pools this model) -> 384-d;
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pokesprite.config import AlignmentConfig
+from pokesprite.losses import clip_scale
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ ARCHITECTURE = {"text_model": TEXT_TOWER, "vgg": IMAGE_TOWER, "vgg_blocks": VGG_
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-def _exp_scale(logit_scale: torch.Tensor) -> torch.Tensor:
-    """exp of the log temperature, clamped at 100 as in CLIP."""
-    return logit_scale.exp().clamp(max=100.0)
-
 
 def _resize(images: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
     """Differentiable antialiased resize of (B, 3, H, W) images to ``size`` (int or (h, w))."""
@@ -109,7 +105,7 @@ class _Frozen(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         """The CLIP temperature exp(logit_scale), clamped at 100."""
-        return _exp_scale(self.logit_scale)
+        return clip_scale(self.logit_scale)
 
     @property
     def device(self) -> torch.device:

@@ -1,9 +1,9 @@
 """Training of the alignment model's heads (``pokesprite.models.alignment``) on cached tower features.
 
 The towers are frozen, so ``train_alignment`` runs them once over the data and trains only the
-projection heads and the temperature on the cached features (seconds on a CPU), with open_clip's
-contrastive ``ClipLoss``, on the shared training loop (``pokesprite.train.loop.fit``); the epoch with
-the lowest validation loss is kept.
+projection heads and the temperature on the cached features (seconds on a CPU), with CLIP's
+contrastive loss (``pokesprite.losses.clip_loss``), on the shared training loop
+(``pokesprite.train.loop.fit``); the epoch with the lowest validation loss is kept.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import nn
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.config import AlignmentConfig, TrainConfig
 from pokesprite.evaluation.retrieval import retrieval_metrics
+from pokesprite.losses import clip_loss
 from pokesprite.models.alignment import AlignmentModel, batched_apply, one_thread
 from pokesprite.tracking import Tracker
 from pokesprite.train import distributed
@@ -46,13 +47,12 @@ def cache_features(model: AlignmentModel, images: torch.Tensor, captions: list[s
 
 
 @torch.no_grad()
-def evaluate_cached(model: AlignmentModel, loss_fn, img: torch.Tensor, txt: torch.Tensor,
-                    seed: int = 0) -> dict[str, float]:
+def evaluate_cached(model: AlignmentModel, img: torch.Tensor, txt: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Loss over the whole set at once, plus retrieval metrics, from cached tower features."""
     was_training = model.training
     model.eval()
     zi, zt = model.embed_image(img), model.embed_text(txt)
-    metrics = {"loss": loss_fn(zi, zt, model.scale).item(), **retrieval_metrics((zi @ zt.T).cpu(), seed)}
+    metrics = {"loss": clip_loss(zi, zt, model.scale).item(), **retrieval_metrics((zi @ zt.T).cpu(), seed)}
     model.train(was_training)
     return metrics
 
@@ -73,7 +73,7 @@ def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Te
     (AdamW with ``WEIGHT_DECAY``, one-cycle learning rate peaking at ``cfg.lr``, the stability guard);
     returns its history.
 
-    Each step is open_clip's ``ClipLoss`` over a seeded shuffled batch of ``cfg.batch_size`` pairs (the
+    Each step is ``clip_loss`` (open_clip's ``ClipLoss``) over a seeded shuffled batch of ``cfg.batch_size`` pairs (the
     temperature's exponential is capped at 100, as in CLIP). The heads' standardisation is fitted on
     ``train`` first. Each epoch is validated on the whole validation set as one batch (``val_loss``,
     ``val_top1``, ``val_r_precision``, ``val_matched_cosine``; on the training set when there is no
@@ -84,24 +84,21 @@ def fit_heads(model: AlignmentModel, cfg: AlignmentConfig, train: tuple[torch.Te
     cached features: splitting them would cost more in communication than it saves), so dropout and
     the contrastive loss are exactly one process's; DDP's average of equal gradients is that gradient.
     """
-    from open_clip.loss import ClipLoss
-
     tr_img, tr_txt = train
     check = val if val is not None and len(val[0]) >= 2 else train
     model.image_head.fit_stats(tr_img)
     model.text_head.fit_stats(tr_txt)
-    loss_fn = ClipLoss()
     heads = Heads(model)
     g = torch.Generator().manual_seed(seed)
     n, bs = len(tr_img), min(cfg.batch_size, len(tr_img))
 
     def loss(idx, epoch):
         idx = idx.to(tr_img.device)
-        value = loss_fn(model.embed_image(tr_img[idx]), model.embed_text(tr_txt[idx]), model.scale)
+        value = clip_loss(model.embed_image(tr_img[idx]), model.embed_text(tr_txt[idx]), model.scale)
         return value, {"logit_scale": model.scale.detach()}
 
     def validate(epoch):
-        return {f"val_{k}": v for k, v in evaluate_cached(model, loss_fn, *check, seed).items()}
+        return {f"val_{k}": v for k, v in evaluate_cached(model, *check, seed).items()}
 
     stage = Stage(name=HEADS_KIND, model=heads, loss=loss, validate=validate,
                   export=lambda: {"heads": model.trained_state()}, generator=g,
@@ -126,7 +123,7 @@ def train_alignment(cfg: AlignmentConfig, train_images: torch.Tensor, train_capt
     """Build an ``AlignmentModel``, cache its towers' features once, train its heads; return it frozen.
 
     Images are (N, 3, H, W) in [-1, 1]. See ``fit_heads`` for the training and the model selection
-    (lowest validation ClipLoss). Reseeds torch's global RNG with ``seed`` (head initialisation, dropout).
+    (lowest validation CLIP loss). Reseeds torch's global RNG with ``seed`` (head initialisation, dropout).
     """
     torch.manual_seed(seed)
     model = AlignmentModel(dim=cfg.dim, image_size=cfg.image_size).to(device)

@@ -23,7 +23,7 @@ import torch
 
 from pokesprite.config import FinetuneStageConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.losses import masked_clip_loss
+from pokesprite.losses import clip_loss, clip_scale
 from pokesprite.evaluation.retrieval import r_precision, retrieval_accuracy
 from pokesprite.images import save_image_atomic
 from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
@@ -106,8 +106,7 @@ class OneStepObjective:
         if train:
             image_emb = distributed.gather(image_emb)
         keep = ~drop
-        alignment = masked_clip_loss(image_emb, self.caption_emb[idx_dev], self.align.logit_scale.exp().clamp(max=100),
-                                     keep)
+        alignment = clip_loss(image_emb, self.caption_emb[idx_dev], clip_scale(self.align.logit_scale), keep)
         return alignment, consistency, image_emb, keep
 
 
