@@ -57,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pokesprite.config import load_params
 from pokesprite.diffusion.schedule import NoiseSchedule
-from pokesprite.losses import PerceptualLoss, kl_free_bits, noise_loss
+from pokesprite.losses import PerceptualLoss, clip_loss, kl_free_bits, noise_loss
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE
@@ -67,7 +67,7 @@ from pokesprite.models.vgg import BLOCK_WIDTHS, VGGFeatures, load_vgg, make_laye
 TRAIN_SPRITES = 718  # the training split
 SEED_EPOCHS = {"vae": 80, "unet": 500, "finetune": 80}  # the seed's schedule
 STAGES = (*SEED_EPOCHS, "sample")
-ALIGN_VGG_BLOCKS = 4  # the alignment model's image tower (pokesprite.models.alignment defaults)
+ALIGN_VGG_BLOCKS = 4  # the alignment model's image tower (pokesprite.models.alignment.VGG_BLOCK)
 CLIP_SCALE = 1 / 0.07  # CLIP's initial temperature
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
               intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2)
@@ -191,7 +191,6 @@ def finetune_stage(p, batch: int, device, args) -> Stage:
     mask = caption_mask(batch, args.tokens, device, g)
     z0 = torch.randn(batch, d.unet.latent_channels, 27, 27, device=device)
     caption_emb = F.normalize(torch.randn(batch, f.alignment.dim, device=device), dim=-1)
-    labels = torch.arange(batch, device=device)
     clamp, size = d.latent_clamp, f.alignment.image_size
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -211,8 +210,7 @@ def finetune_stage(p, batch: int, device, args) -> Stage:
                                align_corners=False)  # fp32: no bf16 CPU kernel
         fmap = vgg(images, blocks=ALIGN_VGG_BLOCKS)[-1]  # (B, 512, size / 8, size / 8)
         emb = F.normalize(head(torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1)), dim=-1)
-        logits = CLIP_SCALE * emb @ caption_emb.T  # open_clip's ClipLoss, one device
-        clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        clip = clip_loss(emb, caption_emb, CLIP_SCALE)  # open_clip's ClipLoss, one device
         return f.alignment_weight * clip + f.consistency_weight * consistency
 
     trainable = [q for q in text.parameters() if q.requires_grad]

@@ -119,7 +119,7 @@ def clip_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.exp().clamp(max=MAX_CLIP_SCALE)
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
               keep: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric contrastive loss (Radford et al. 2021) of N (image, caption) pairs: the mean of
     the cross-entropies of each image over all captions and of each caption over all images, the
