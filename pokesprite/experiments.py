@@ -28,6 +28,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pokesprite.config import flatten
+
 METRICS_FILE = "metrics/evaluate.json"
 PARAMS_FILE = "params.yaml"
 WIDTH = 120
@@ -148,19 +150,11 @@ class ExpRow:
     baseline: int | None = None  # index of this row's baseline row
 
 
-def _flatten(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
 def _files(section: dict | None, default: str | None) -> dict:
     """``{"params.yaml": {"data": {...}}}`` -> flat keys, ``file:key`` except for ``default``."""
     out = {}
     for path, content in (section or {}).items():
-        flat = _flatten((content or {}).get("data") or {})
+        flat = flatten((content or {}).get("data") or {})
         out.update({(k if path == default else f"{path}:{k}"): v for k, v in flat.items()})
     return out
 
