@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from pokesprite.config import EvaluateConfig
+from pokesprite.progress import progress
 
 
 def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig, *,
@@ -18,8 +19,6 @@ def sample(pipeline, prompts: list[str], seed: int, cfg: EvaluateConfig, *,
 def draw(pipeline, prompts: list[str], cfg: EvaluateConfig, desc: str, *,
          guidance_scale: float | None = None) -> torch.Tensor:
     """One sprite per prompt, sprite i drawn with seed ``cfg.seed + i``: uint8 (N, 3, H, W)."""
-    from pokesprite.train.loop import progress
-
     out = []
     starts = range(0, len(prompts), cfg.batch_size)
     for i in progress(starts, desc=desc, leave=False):

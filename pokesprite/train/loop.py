@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -40,9 +39,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pokesprite.config import TrainConfig, to_dict
+from pokesprite.progress import progress
 from pokesprite.tracking import Tracker
 from pokesprite.checkpoints import atomic_save, load_checkpoint
 from pokesprite.train import distributed
@@ -51,13 +50,6 @@ from pokesprite.train.ema import EMA
 from pokesprite.train.stability import StabilityGuard
 
 log = logging.getLogger(__name__)
-
-
-def progress(iterable, **kwargs):
-    """tqdm that shows only on an interactive terminal, never in CI logs ($CI or a pipe) and only in
-    process 0 of a distributed run."""
-    disable = True if os.environ.get("CI") or not distributed.is_main() else None
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
 
 
 @dataclass
