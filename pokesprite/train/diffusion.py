@@ -37,6 +37,7 @@ from pokesprite.train.loop import Stage, fit
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS = 8
+VAL_SEED = 1234  # the fixed noise and timesteps of validation in stages 2 and 3
 
 
 @torch.no_grad()
@@ -124,7 +125,7 @@ def sample_latents(mean, logvar, scale: float, generator=None, clamp: float = 0.
 
 @torch.no_grad()
 def validation_loss(unet, text: TextEncoder, schedule, cache: LatentCache, device, batch_size: int,
-                    seed: int = 1234, kind: str = "huber", clamp: float = 0.0, prediction: str = "eps",
+                    seed: int = VAL_SEED, kind: str = "huber", clamp: float = 0.0, prediction: str = "eps",
                     min_snr_gamma: float = 0.0) -> float:
     """The training objective (``denoising_loss``: same target and weighting) with fixed noise and
     timesteps, so that epochs (and runs with the same objective) are comparable."""

@@ -32,12 +32,11 @@ from pokesprite.train import distributed
 from pokesprite.train.batches import batch_indices, steps_per_epoch
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.train.common import seed_everything
-from pokesprite.train.diffusion import denoise, drop_captions, encode_latents, sample_grid, sample_latents
+from pokesprite.train.diffusion import VAL_SEED, denoise, drop_captions, encode_latents, sample_grid, sample_latents
 from pokesprite.train.loop import Stage, fit, load_trained_state, trained_state
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS = 8
-VAL_SEED = 1234
 
 
 class CaptionLatents:
