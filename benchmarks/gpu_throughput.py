@@ -57,7 +57,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pokesprite.config import load_params
 from pokesprite.diffusion.schedule import NoiseSchedule
-from pokesprite.losses import PerceptualLoss, clip_loss, kl_free_bits, noise_loss
+from pokesprite.contrastive import clip_loss
+from pokesprite.losses import PerceptualLoss, kl_free_bits, noise_loss
 from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE

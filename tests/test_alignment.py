@@ -12,7 +12,7 @@ import torch
 from pokesprite.config import AlignmentConfig, load_params
 from pokesprite.data.dataset import SpriteDataset
 from pokesprite.evaluation.retrieval import mean_matched_cosine, r_precision, retrieval_accuracy
-from pokesprite.losses import clip_loss
+from pokesprite.contrastive import clip_loss
 from pokesprite.models.alignment import AlignmentModel, OpenClipAlignment, load_alignment, similarity_matrix
 from pokesprite.train.alignment import train_alignment
 

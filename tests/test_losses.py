@@ -238,7 +238,7 @@ def reference_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> t
 def test_clip_loss_is_the_row_by_row_definition_and_open_clips_loss(n):
     from open_clip.loss import ClipLoss
 
-    from pokesprite.losses import clip_loss
+    from pokesprite.contrastive import clip_loss
 
     g = torch.Generator().manual_seed(n)
     img = F.normalize(torch.randn(n, 32, generator=g), dim=-1)
@@ -252,7 +252,7 @@ def test_clip_loss_is_the_row_by_row_definition_and_open_clips_loss(n):
 
 
 def test_clip_scale_is_the_exponential_capped_at_100():
-    from pokesprite.losses import clip_scale
+    from pokesprite.contrastive import clip_scale
 
     assert clip_scale(torch.tensor(math.log(50.0))).item() == pytest.approx(50.0)
     assert clip_scale(torch.tensor(10.0)).item() == 100.0  # exp(10) ~ 22026
@@ -264,7 +264,7 @@ def test_clip_scale_is_the_exponential_capped_at_100():
 def test_masked_clip_loss_is_clip_loss_on_the_kept_rows():
     from open_clip.loss import ClipLoss
 
-    from pokesprite.losses import clip_loss
+    from pokesprite.contrastive import clip_loss
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_()

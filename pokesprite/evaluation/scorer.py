@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pokesprite.checkpoints import atomic_save, load_checkpoint
-from pokesprite.losses import clip_loss, clip_scale
+from pokesprite.contrastive import clip_loss, clip_scale
 
 WORD = re.compile(r"[a-z]+")
 

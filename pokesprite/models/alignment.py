@@ -2,7 +2,7 @@
 
 No CLIP weights can be downloaded, so by default pokesprite trains its own on the training split:
 two FROZEN pretrained towers with small trainable projection heads on top, trained with
-CLIP's contrastive loss (``pokesprite.losses.clip_loss``).
+CLIP's contrastive loss (``pokesprite.contrastive.clip_loss``).
 
 * text tower: a separate frozen copy of the bundled all-MiniLM-L6-v2, mean-pooled over the
   attention mask (as sentence-transformers pools this model) -> 384-d;
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pokesprite.config import AlignmentConfig
-from pokesprite.losses import clip_scale
+from pokesprite.contrastive import clip_scale
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The towers are frozen, so ``train_alignment`` runs them once over the data and trains only the
 projection heads and the temperature on the cached features (seconds on a CPU), with CLIP's
-contrastive loss (``pokesprite.losses.clip_loss``), on the shared training loop
+contrastive loss (``pokesprite.contrastive.clip_loss``), on the shared training loop
 (``pokesprite.train.loop.fit``); the epoch with the lowest validation loss is kept.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from pokesprite.checkpoints import load_checkpoint
 from pokesprite.config import AlignmentConfig, TrainConfig
 from pokesprite.evaluation.retrieval import retrieval_metrics
-from pokesprite.losses import clip_loss
+from pokesprite.contrastive import clip_loss
 from pokesprite.models.alignment import AlignmentModel, batched_apply, one_thread
 from pokesprite.tracking import Tracker
 from pokesprite.train import distributed

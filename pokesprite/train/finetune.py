@@ -23,7 +23,7 @@ import torch
 
 from pokesprite.config import FinetuneStageConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
-from pokesprite.losses import clip_loss, clip_scale
+from pokesprite.contrastive import clip_loss, clip_scale
 from pokesprite.evaluation.retrieval import r_precision, retrieval_accuracy
 from pokesprite.images import save_image_atomic
 from pokesprite.pipeline import SpritePipeline, load_diffusion_checkpoint
