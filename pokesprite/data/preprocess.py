@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pokesprite.config import DataConfig
 from pokesprite.data.raw import RawRecord, scan
 from pokesprite.files import atomic_folder
 from pokesprite.images import image_grid
+from pokesprite.progress import progress
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -131,7 +131,7 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
 
     with atomic_folder(out_dir) as staging:
         (staging / "images").mkdir()
-        for r in tqdm(records, desc="preprocess", unit="img", disable=None):
+        for r in progress(records, desc="preprocess", unit="img"):
             with Image.open(r.image_path) as im:
                 to_square_rgb(im, cfg.image_size, cfg.background).save(staging / "images" / f"{r.number:03d}.png")
         with open(staging / "index.csv", "w", newline="", encoding="utf-8") as f:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pokesprite.config import DiffusionStageConfig, TextConfig, to_dict
 from pokesprite.data.dataset import SpriteDataset
@@ -25,6 +24,7 @@ from pokesprite.models.text import TextEncoder
 from pokesprite.models.unet import UNet
 from pokesprite.models.vae import VAE, sample_posterior
 from pokesprite.pipeline import SpritePipeline
+from pokesprite.progress import progress
 from pokesprite.tracking import Tracker
 from pokesprite.images import image_grid, save_image_atomic
 from pokesprite.losses import noise_loss
@@ -44,7 +44,7 @@ VAL_SEED = 1234  # the fixed noise and timesteps of validation in stages 2 and 3
 def encode_latents(vae, dataset: SpriteDataset, device, batch_size: int = 16):
     """Posterior mean and log-variance of every image in ``dataset``: two (N, 8, 27, 27) tensors."""
     means, logvars = [], []
-    for x, _ in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encode latents", leave=False, disable=None):
+    for x, _ in progress(DataLoader(dataset, batch_size=batch_size), desc="encode latents", leave=False):
         m, lv = vae.encode(x.to(device))
         means.append(m.cpu())
         logvars.append(lv.cpu())
