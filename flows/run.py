@@ -4,6 +4,10 @@ With ``POKESPRITE_NPROC=N`` (N > 1) a training stage (alignment, vae, diffusion,
 processes, one per GPU: this command starts ``torchrun --standalone --nproc_per_node=N`` on itself.
 Under torchrun, process 0 runs the stage as the Prefect flow (and logs to MLflow); the other
 processes run the same stage function beside it and write nothing (pokesprite.train.distributed).
+
+Without ``PREFECT_API_URL`` the command runs under ``flows.server``: a Prefect server for this stage
+alone, in a session of its own, so that a Ctrl-C or a failed torchrun group does not stop it before
+the flow run is reported (``make repro`` starts one server for all the stages instead).
 """
 from __future__ import annotations
 
@@ -63,17 +67,22 @@ def processes() -> int:
     return int(value)
 
 
+def relaunch_under_server(stage: str, params_file: str):
+    """Replace this process by ``flows.server`` running this same command beside a Prefect server of
+    its own session. Prefect's temporary server would be this process's child, in its process group:
+    a Ctrl-C (or torchrun stopping a failed group) would stop it too, and the flow run could then not
+    be reported Crashed (Prefect's client retried the dead server for about 4 minutes)."""
+    argv = [sys.executable, "-m", "flows.server", "--", sys.executable, "-m", "flows.run", stage,
+            "--params", params_file]
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
 def relaunch_under_torchrun(stage: str, params_file: str, n: int, restarts: int = 0):
     """Replace this process by ``torchrun`` running this same command on ``n`` processes; a failed
-    group is started again ``restarts`` times (``prefect.retries``), resuming from its last.pt.
-
-    Without ``PREFECT_API_URL``, torchrun runs under ``flows.server``: one Prefect server outside the
-    group. A temporary server of process 0's own would be in the process group that torchrun stops
-    when another process fails, and process 0 could then not report its flow run as crashed."""
+    group is started again ``restarts`` times (``prefect.retries``), resuming from its last.pt."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
             f"--max-restarts={restarts}", "-m", "flows.run", stage, "--params", params_file]
-    if not os.environ.get("PREFECT_API_URL"):
-        argv = [sys.executable, "-m", "flows.server", "--", *argv]
     logging.getLogger(__name__).info("%s on %d processes: %s", stage, n, " ".join(argv[1:]))
     sys.stdout.flush(), sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -120,6 +129,8 @@ def main(argv=None) -> int:
         print(f"error: {args.stage} runs in one process; run it without torchrun (and POKESPRITE_NPROC)",
               file=sys.stderr)
         return 2
+    if not os.environ.get("PREFECT_API_URL") and not distributed.launched():
+        relaunch_under_server(args.stage, args.params)
     if n > 1 and parallel and not distributed.launched():
         if STAGES[args.stage].resumable and (batch := getattr(params, args.stage).train.batch_size) % n:
             print(f"error: {args.stage}.train.batch_size must be a multiple of POKESPRITE_NPROC ({n}), got {batch}: "

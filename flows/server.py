@@ -1,8 +1,8 @@
 """Run a command with one Prefect server for all of it: ``python -m flows.server -- dvc repro``.
 
-Without ``PREFECT_API_URL`` every stage process starts and stops a temporary Prefect server of its
-own (about 8 s each on 2 CPU cores, seven times per ``dvc repro``). ``make repro`` runs ``dvc repro``
-under this command instead: one ``prefect server start`` (API, UI and its services) on a
+Without ``PREFECT_API_URL`` every stage (``python -m flows.run``) runs under this command with a
+Prefect server of its own (about 8 s to start on 2 CPU cores, seven times per ``dvc repro``).
+``make repro`` runs ``dvc repro`` under this command instead: one ``prefect server start`` (API, UI and its services) on a
 free port of 127.0.0.1 for the whole run, so every stage reports to it, and its UI shows the flow
 runs live while they run. The flow runs are kept where the temporary servers keep them
 (``$PREFECT_HOME``, by default ``~/.prefect``), so ``make ui`` shows them afterwards either way.
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while the server was starting: it is stopped, the command never ran
+        return 130
 
 
 if __name__ == "__main__":

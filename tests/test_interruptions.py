@@ -85,6 +85,35 @@ def test_a_killed_runs_mlflow_run_is_marked_killed(tmp_path, monkeypatch):
         mlflow.set_registry_uri(before[1])
 
 
+# --- Ctrl-C of a stage's command -------------------------------------------------------------------
+
+CTRL_C = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
+
+
+def test_ctrl_c_of_a_stage_reports_its_flow_run_and_says_how_to_resume(processed, tmp_path):
+    """Ctrl-C reaches the whole foreground process group. The stage's Prefect server must not be in it
+    (it is started in a session of its own): else the flow run cannot be reported Crashed, and the
+    command retried the dead server for minutes and ended without saying how to resume."""
+    import sqlite3
+
+    root = project(tmp_path / "p", processed)
+    env = {**ENV, "PREFECT_HOME": str(root / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    log = root / "stage.log"
+    with log.open("w") as out:  # a terminal's process group, with SIGINT handled as a shell leaves it
+        proc = subprocess.Popen([sys.executable, "-c", CTRL_C, sys.executable, "-m", "flows.run", "vae"], cwd=root,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while "vae epoch 1/4" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, 2)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "To continue from it:\n  pokesprite train --stage 1 --resume outputs/vae/last.pt" in text, text[-3000:]
+    with sqlite3.connect(root / ".prefect" / "prefect.db") as db:
+        assert db.execute("SELECT name, state_type FROM flow_run").fetchall() == [("vae", "CRASHED")]
+
+
 # --- kill -9 in each training stage, then run it again ------------------------------------------
 
 EPOCHS = {"vae": 4, "diffusion": 4, "finetune": 4}
@@ -93,7 +122,9 @@ EPOCHS = {"vae": 4, "diffusion": 4, "finetune": 4}
 def project(root: Path, processed: Path) -> Path:
     params = yaml.safe_load((TESTS / "tiny_params.yaml").read_text())
     for stage, epochs in EPOCHS.items():
-        params[stage]["train"].update(epochs=epochs, save_every=1, checkpoint_every=0, sample_every=0)
+        params[stage]["train"].update(epochs=epochs, save_every=1, checkpoint_every=0)
+        if stage != "finetune":  # stage 3 draws its grid once, at the end
+            params[stage]["train"]["sample_every"] = 0
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "outputs").mkdir()
