@@ -171,7 +171,6 @@ class TrainConfig:
     explosion_factor: float = 5.0  # a gradient norm above factor x its running mean counts as an explosion
     max_bad_batches: int = 50  # stop with an error after this many skipped (non-finite) batches; 0 = never
     max_train_items: int = 0  # 0 = the whole training split; >0 caps it, evenly spaced by number (quick runs)
-    sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
     checkpoint_every: int = 10  # also keep epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)
     save_every: int = 1  # write last.pt (and a pending best.pt) every N epochs and after the last
     # > 0: a wall-clock budget for the stage. After the second epoch (the first also pays for warm-up)
@@ -181,8 +180,6 @@ class TrainConfig:
     # fp32, or bf16: autocast of the forward passes to bfloat16 (weights and optimiser state stay fp32)
     precision: str = "fp32"
     log_every: int = 1  # read the step's scalars and the guard's counts (a host sync) every N steps
-    channels_last: bool = False  # convolutional models and their inputs in channels-last memory format
-    compile: bool = False  # torch.compile the stage's network (pays its compile time once per run)
 
     def __post_init__(self):
         require(self.precision in ("fp32", "bf16"), "precision", "fp32 or bf16", self.precision)
@@ -193,11 +190,23 @@ class TrainConfig:
         require(0 <= self.warmup_frac < 1, "warmup_frac", "in [0, 1)", self.warmup_frac)
         require(self.grad_clip > 0, "grad_clip", "> 0", self.grad_clip)
         require(self.explosion_factor > 1, "explosion_factor", "> 1", self.explosion_factor)
-        for key in ("max_bad_batches", "max_train_items", "sample_every", "checkpoint_every"):
+        for key in ("max_bad_batches", "max_train_items", "checkpoint_every"):
             require(getattr(self, key) >= 0, key, ">= 0 (0 = off)", getattr(self, key))
         require(self.save_every >= 1, "save_every", "at least 1", self.save_every)
         require(self.max_minutes >= 0, "max_minutes", ">= 0 (0 = no budget)", self.max_minutes)
         require(self.log_every >= 1, "log_every", "at least 1", self.log_every)
+
+
+@dataclass(frozen=True)
+class NetworkTrainConfig(TrainConfig):
+    """``TrainConfig`` of the stages that train a convolutional network of their own (vae, diffusion)."""
+    sample_every: int = 0  # log a sample grid every N epochs (0 = only at the end)
+    channels_last: bool = False  # convolutional models and their inputs in channels-last memory format
+    compile: bool = False  # torch.compile the stage's network (pays its compile time once per run)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.sample_every >= 0, "sample_every", ">= 0 (0 = off)", self.sample_every)
 
 
 @dataclass(frozen=True)
@@ -237,7 +246,7 @@ class DiscriminatorConfig:
 @dataclass(frozen=True)
 class VAEStageConfig:
     model: VAEConfig = field(default_factory=VAEConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: NetworkTrainConfig = field(default_factory=NetworkTrainConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
@@ -246,7 +255,7 @@ class VAEStageConfig:
 class DiffusionStageConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: NetworkTrainConfig = field(default_factory=NetworkTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     cond_drop_prob: float = 0.1  # captions replaced by "" in training, for classifier-free guidance
     ema_decay: float = 0.999  # EMA of the U-Net and text projection used for sampling (0 = off)
@@ -313,10 +322,6 @@ class FinetuneStageConfig:
     def __post_init__(self):
         require(0 <= self.t_min <= self.t_max, "t_min", f">= 0 and at most t_max ({self.t_max})", self.t_min)
         require(self.train_layers >= 0, "train_layers", ">= 0", self.train_layers)
-        for key in ("sample_every", "channels_last", "compile"):  # shared TrainConfig keys stage 3 has no use for
-            require(getattr(self.train, key) == getattr(TrainConfig, key), f"train.{key}",
-                    f"left out ({getattr(TrainConfig, key)}): stage 3 draws its grid once, at the end, and "
-                    "neither converts nor compiles the frozen networks", getattr(self.train, key))
         for key in ("alignment_weight", "consistency_weight"):
             require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
