@@ -159,9 +159,11 @@ def test_the_retry_is_one_task_run_of_a_tagged_flow_run_with_a_link_to_mlflow(re
 def test_the_mlflow_run_logs_exactly_the_params_the_table_lists(retried):
     root, _, _, _ = retried
     finished = mlflow_runs(root, "vae")[-1]
-    expected = stage_params(load_params(root / "params.yaml"), STAGES["vae"].params)
+    keys = (*STAGES["preprocess"].params, *STAGES["vae"].params)  # the stage's keys and those upstream of it
+    expected = stage_params(load_params(root / "params.yaml"), keys)
     assert set(finished.data.params) == set(expected)
     assert {k.split(".")[0] for k in finished.data.params} == {"seed", "data", "text", "vae"}
+    assert "data.split" in finished.data.params and "diffusion.train.lr" not in finished.data.params
     assert finished.data.params["vae.train.epochs"] == "3"
 
 
