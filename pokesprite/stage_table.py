@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -341,11 +342,21 @@ def prepare_run(name: str, params, layout: stages.Layout, device=None) -> Path |
     return decide_resume(name, params, layout)
 
 
+STAGING_FOLDER = re.compile(r"^\..+\.[0-9a-f]{12}(\.old)?$")  # files.atomic_folder's, beside the folder it replaces
+
+
 def interrupted_writes(folder: Path) -> list[Path]:
-    """The temporary files in ``folder`` (and below) of writes that a kill cut short: every file
-    pokesprite writes atomically goes through a temporary file whose name starts with a dot, and
-    nothing else in a stage's folder has one."""
-    return sorted(p for p in folder.rglob(".*") if p.is_file())
+    """The temporary files and folders in ``folder`` (and below) of writes that a kill cut short:
+    every file pokesprite writes atomically goes through a temporary file whose name starts with a
+    dot, every folder through a staging folder ``.<name>.<12 hex digits>``, and nothing else in a
+    stage's folder has such a name."""
+    found: list[Path] = []
+    for p in sorted(folder.rglob(".*")):
+        if any(q in p.parents for q in found):
+            continue  # inside a staging folder found already
+        if p.is_file() or (p.is_dir() and STAGING_FOLDER.match(p.name)):
+            found.append(p)
+    return found
 
 
 def decide_resume(name: str, params, layout: stages.Layout) -> Path | None:
@@ -370,7 +381,7 @@ def decide_resume(name: str, params, layout: stages.Layout) -> Path | None:
                      state.get("epoch"), state.get("epochs"))
             for leftover in interrupted_writes(folder):  # else DVC would hash them into the stage's output
                 log.info("%s: removing %s, left by a write that was interrupted", name, leftover)
-                leftover.unlink()
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             return last
         except ValueError as e:
             why = str(e)

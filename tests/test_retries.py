@@ -176,9 +176,11 @@ def test_prepare_run_resumes_only_under_the_same_params_inputs_and_code(retried,
     last = layout.stage_dir("vae") / "last.pt"
     kept = sorted(layout.stage_dir("vae").rglob("*"))
     # what a kill during atomic_save and save_image_atomic leaves: DVC would hash them into the output
-    leftovers = [last.with_name(".last.pt.0123456789ab.tmp"), last.parent / "samples" / ".epoch_0001.0a1b2c3d.png"]
+    leftovers = [last.with_name(".last.pt.0123456789ab.tmp"), last.parent / "samples" / ".epoch_0001.0a1b2c3d.png",
+                 last.parent / ".model.0123456789ab" / "text_encoder" / "config.json",  # atomic_folder's staging
+                 last.parent / ".model.ba9876543210.old" / ".hidden"]
     for leftover in leftovers:
-        leftover.parent.mkdir(exist_ok=True)
+        leftover.parent.mkdir(parents=True, exist_ok=True)
         leftover.write_bytes(b"half a file")
     assert prepare_run("vae", params, layout) == last and last.is_file()
     assert sorted(layout.stage_dir("vae").rglob("*")) == sorted({*kept, leftovers[1].parent})
