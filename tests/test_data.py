@@ -68,6 +68,33 @@ def test_corrupt_image_names_the_file(raw_subset, tmp_path):
         raw.import_dataset(bad, tmp_path / "data")
 
 
+def test_an_image_whose_pixels_do_not_decode_is_refused_at_import(raw_subset, tmp_path):
+    """Chunks and checksums intact (what Image.verify checks), compressed pixel data damaged."""
+    import struct
+    import zlib
+
+    bad = broken_copy(raw_subset, tmp_path)
+    path = bad / "small_images/009.png"
+    data = bytearray(path.read_bytes())
+    at = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[at:at + 4])[0]
+    body = at + 8
+    for i in range(body + length // 3, body + length // 3 + 40):
+        data[i] ^= 0x5A
+    data[body + length:body + length + 4] = struct.pack(">I", zlib.crc32(bytes(data[at + 4:body + length])))
+    path.write_bytes(bytes(data))
+    with pytest.raises(raw.DatasetError, match=r"009\.png: not a readable image"):
+        raw.import_dataset(bad, tmp_path / "data")
+
+
+def test_a_caption_file_with_a_byte_order_mark_reads_as_without(raw_subset, tmp_path):
+    bom = broken_copy(raw_subset, tmp_path)
+    captions = bom / "text_description_concat.csv"
+    captions.write_bytes(b"\xef\xbb\xbf" + captions.read_bytes())
+    assert raw.read_captions(captions) == raw.read_captions(raw_subset / "text_description_concat.csv")
+    raw.import_dataset(bom, tmp_path / "data")
+
+
 def test_empty_caption_names_the_line(raw_subset, tmp_path):
     bad = broken_copy(raw_subset, tmp_path)
     lines = (bad / "text_description_concat.csv").read_text(encoding="utf-8").splitlines()

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pokesprite.config import DataConfig
-from pokesprite.data.raw import RawRecord, scan
+from pokesprite.data.raw import DatasetError, RawRecord, scan
 from pokesprite.files import atomic_folder
 from pokesprite.images import image_grid
 from pokesprite.progress import progress
@@ -132,8 +132,12 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
     with atomic_folder(out_dir) as staging:
         (staging / "images").mkdir()
         for r in progress(records, desc="preprocess", unit="img"):
-            with Image.open(r.image_path) as im:
-                to_square_rgb(im, cfg.image_size, cfg.background).save(staging / "images" / f"{r.number:03d}.png")
+            try:
+                with Image.open(r.image_path) as im:
+                    square = to_square_rgb(im, cfg.image_size, cfg.background)
+            except OSError as e:  # a file changed since it was imported
+                raise DatasetError(f"{r.image_path}: not a readable image ({e})") from None
+            square.save(staging / "images" / f"{r.number:03d}.png")
         with open(staging / "index.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["number", "name", "split", "caption"])

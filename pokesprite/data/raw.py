@@ -48,7 +48,7 @@ def default_source() -> Path:
 
 
 def read_captions(path: Path) -> list[str]:
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # the byte-order mark some editors write first
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -93,8 +93,9 @@ def read_table(path: Path) -> dict[int, dict[str, str]]:
 def check_image(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify() leaves the file unusable; reopen for the size
+            im.verify()  # the chunks and their checksums
+        with Image.open(path) as im:  # verify() leaves the file unusable; reopen to decode the pixels too
+            im.load()
             size = im.size
     except Exception as e:  # PIL raises many types for broken files
         raise DatasetError(f"{path}: not a readable image ({e})") from None
