@@ -46,6 +46,11 @@ class AugmentConfig:
     saturation: float = 0.1
     hflip_prob: float = 0.5
 
+    def __post_init__(self):
+        for key in ("rotation_degrees", "brightness", "contrast", "saturation"):
+            require(getattr(self, key) >= 0, key, ">= 0 (0 = off)", getattr(self, key))
+        require(0 <= self.hflip_prob <= 1, "hflip_prob", "a probability in [0, 1]", self.hflip_prob)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -57,11 +62,13 @@ class DataConfig:
     def __post_init__(self):
         if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
             raise ConfigError(f"data.background must be three integers in 0..255, got {self.background}")
-        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
-            raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {self.split}")
+        if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
+            raise ConfigError(f"data.split must be three positive fractions (train, val, test) summing to 1: "
+                              f"validation and the test metrics need sprites of their own; got {self.split}")
 
 
 MAX_POSITIONS = 512  # position embeddings of the bundled text encoder (all-MiniLM-L6-v2)
+BUNDLED_LAYERS = 6  # its transformer layers
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,9 @@ class VAEConfig:
         if len(self.channels) != 4:
             raise ConfigError("vae.model.channels needs 4 entries (216, 108, 54 and 27 px), "
                               f"got {len(self.channels)}")
+        require(all(c >= 1 for c in self.channels), "channels", "positive", self.channels)
+        for key in ("latent_channels", "num_res_blocks", "groups", "heads"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
         for c in self.channels:
             if c % self.groups:
                 raise ConfigError(f"vae.model.channels: {c} is not divisible by groups={self.groups}")
@@ -110,6 +120,10 @@ class UNetConfig:
     def __post_init__(self):
         if len(self.attention) != len(self.channels):
             raise ConfigError("diffusion.unet.attention needs one entry per channels entry")
+        require(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "channels", "positive",
+                self.channels)
+        for key in ("latent_channels", "num_res_blocks", "groups", "heads"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
         for c in self.channels:
             if c % self.groups or c % self.heads:
                 raise ConfigError(f"diffusion.unet.channels: {c} must be divisible by groups and heads")
@@ -224,6 +238,8 @@ class VAELossConfig:
     def __post_init__(self):
         if self.perceptual_net not in ("vgg16", "vgg19"):
             raise ConfigError(f"perceptual_net must be vgg16 or vgg19, got {self.perceptual_net!r}")
+        for key in ("l1_weight", "perceptual_weight", "kl_weight", "kl_anneal_epochs", "free_bits"):
+            require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -407,6 +423,11 @@ class MlflowConfig:
     experiment: str = "pokesprite"
     registered_model: str = "pokesprite"
 
+    def __post_init__(self):
+        require(bool(self.experiment.strip()), "experiment", "a name", self.experiment)
+        require(bool(self.registered_model.strip()) and not set("/:") & set(self.registered_model),
+                "registered_model", "a name without '/' or ':' (MLflow's rule)", self.registered_model)
+
 
 @dataclass(frozen=True)
 class Params:
@@ -421,6 +442,10 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self):  # what one section cannot check alone
+        require(self.seed >= 0, "seed", ">= 0", self.seed)
+        if self.text.model == "bundled":
+            require(self.finetune.train_layers <= BUNDLED_LAYERS, "finetune.train_layers",
+                    f"at most {BUNDLED_LAYERS} (the bundled text encoder's layers)", self.finetune.train_layers)
         require(self.vae.model.image_size == self.data.image_size, "vae.model.image_size",
                 f"data.image_size ({self.data.image_size}): the VAE encodes the preprocessed sprites",
                 self.vae.model.image_size)

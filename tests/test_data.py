@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import shutil
 import sys
@@ -296,8 +297,12 @@ def test_preprocess_resizes_odd_sizes(full_source, tiny_params, tmp_path):
     big = next(p for p in sorted((full_source / "small_images").iterdir()) if Image.open(p).size != (215, 215))
     shutil.copyfile(big, src / "small_images/003.png")
     out = tmp_path / "out"
-    stats = preprocess(tiny_params.data, raw_dir=src, out_dir=out, seed=0)
+    cfg = dataclasses.replace(tiny_params.data, split=(0.5, 0.25, 0.25))  # a sprite in each split
+    stats = preprocess(cfg, raw_dir=src, out_dir=out, seed=0)
     assert Image.open(out / "images/003.png").size == (215, 215)
+    with pytest.raises(raw.DatasetError, match=r"data\.split \[0\.8, 0\.15, 0\.05\] leaves the test split of these "
+                                           r"4 sprites empty"):
+        preprocess(tiny_params.data, raw_dir=src, out_dir=tmp_path / "out2", seed=0)
     assert sum(stats["image_sizes"].values()) == 4 and len(stats["image_sizes"]) == 2
 
 

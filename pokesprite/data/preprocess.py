@@ -128,6 +128,10 @@ def preprocess(cfg: DataConfig, *, raw_dir: Path, out_dir: Path, seed: int, toke
         if not c:
             raise ValueError(f"{raw_dir}: caption of national number {r.number} is empty after cleaning")
     splits = split_numbers([r.number for r in records], cfg.split, seed)
+    for name in ("train", "val", "test"):
+        if name not in splits.values():
+            raise DatasetError(f"data.split {list(cfg.split)} leaves the {name} split of these {len(records)} sprites "
+                               "empty: give it a larger fraction (or use more sprites)")
 
     with atomic_folder(out_dir) as staging:
         (staging / "images").mkdir()
