@@ -154,6 +154,9 @@ def load_studio(model: str, *, device: str | None = None, background=None) -> Sp
             raise ServeError(f"--model {model}: {e} (expected pipeline.pt and text_encoder/ from "
                              "SpritePipeline.save, e.g. outputs/finetune/model)") from None
         return SpriteStudio(pipeline, f"pipeline folder {Path(model).resolve()}", background=background or WHITE)
+    if ":/" not in model:  # not a URI (models:/, runs:/, file:/...): meant as a folder
+        raise ServeError(f"--model {model}: no such folder; give a pipeline folder (e.g. outputs/finetune/model) "
+                         "or a model URI (models:/pokesprite@champion)")
 
     import mlflow
 

@@ -467,6 +467,12 @@ DEFAULT_LIST_METRICS = ("fid,kid,kid_std,recon_psnr,recon_ssim,stage3_scorer_r_p
                         "independent_r_precision,text_sensitivity")
 
 
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pokesprite", description="Text-to-sprite diffusion: data, training, drawing.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -547,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow model URI or a saved pipeline folder, e.g. outputs/finetune/model "
                           "(default: models:/pokesprite@champion)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    srv.add_argument("--port", type=port_number, default=7860, help="port, 1-65535 (default: 7860)")
     srv.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
     srv.add_argument("--background", help="the colour the model draws on, made transparent: '#rrggbb' or 'R,G,B' "
                                            "(default: the model's own, data.background; white)")

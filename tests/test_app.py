@@ -166,6 +166,16 @@ def test_check_request_accepts_good_inputs_and_names_the_bad_field():
 def test_a_folder_that_is_not_a_pipeline_is_named(tmp_path):
     with pytest.raises(ServeError, match=r"not a saved pokesprite pipeline.*SpritePipeline.save"):
         load_studio(str(tmp_path), device="cpu")
+    with pytest.raises(ServeError, match=r"--model .*/missing: no such folder; give a pipeline folder"):
+        load_studio(str(tmp_path / "missing"), device="cpu")  # not asked of MLflow as an artifact "missing"
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    from pokesprite.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--port", "99999"])
+    assert exit_.value.code == 2 and "argument --port: '99999' is not a port (1-65535)" in capsys.readouterr().err
 
 
 # --- the REST model -----------------------------------------------------------------------------
