@@ -456,7 +456,8 @@ def format_versions(rows: list[dict], metrics: list[str]) -> str:
         created = dt.datetime.fromtimestamp(r["created"] / 1000).strftime("%Y-%m-%d %H:%M") if r["created"] else ""
         values = [f"{r['metrics'][m]:.4g}" if m in r["metrics"] else "-" for m in metrics]
         commit = (r["git_commit"][:8] or "-") + ("*" if r.get("git_dirty") == "true" else "")
-        table.append([str(r["version"]), ",".join(r["aliases"]) or "-", created, *values,
+        aliases = ",".join(r["aliases"]) or ("-" if r.get("finished", True) else "unfinished")  # killed mid-way
+        table.append([str(r["version"]), aliases, created, *values,
                       r.get("eval_protocol", "")[:6] or "-", commit])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]

@@ -12,6 +12,7 @@ a checkout of this repository:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -324,6 +325,29 @@ def registered_by_earlier_attempt(name: str, lineage: dict):
     return max(found, key=lambda v: int(v.version), default=None)
 
 
+FINGERPRINT_TAG = "model_fingerprint"  # the same model, logged the same way, has the same one
+
+
+def model_fingerprint(pipeline_dir: Path, background: tuple[int, int, int]) -> str:
+    """A hash of the pipeline folder's files (names and bytes) and of the background the served model keys."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(pipeline_dir).rglob("*") if p.is_file()):
+        h.update(path.relative_to(pipeline_dir).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(repr(tuple(background)).encode())
+    return h.hexdigest()[:16]
+
+
+def unfinished_version(name: str, fingerprint: str):
+    """The newest version of this model whose registration was cut short (killed before its metrics and
+    promotion were recorded), or None: a rerun finishes it instead of registering the model again."""
+    found = [v for v in mlflow.MlflowClient().search_model_versions(f"name='{name}'")
+             if (v.tags or {}).get(FINGERPRINT_TAG) == fingerprint and "promotion" not in (v.tags or {})]
+    return max(found, key=lambda v: int(v.version), default=None)
+
+
 def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: dict, *,
                        alignment_tolerance: float, background: tuple[int, int, int],
                        protocol: dict | None = None) -> dict:
@@ -333,10 +357,13 @@ def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: di
     the served model keys it to transparency. ``protocol`` (``{"fingerprint", "description"}``) says
     how the metrics were measured: a champion measured otherwise is not compared (``protocol_mismatch``)
     and keeps its alias. A retry of the same Prefect flow run (``RETRY_TAG`` in ``lineage``) finishes
-    the version its earlier attempt registered instead of adding another."""
+    the version its earlier attempt registered instead of adding another, and so does any later run of
+    the same model after a registration that was killed before its promotion was decided."""
     client = mlflow.MlflowClient()
     champion = current_champion(name)  # before this version exists
+    fingerprint = model_fingerprint(pipeline_dir, background)
     earlier = registered_by_earlier_attempt(name, lineage)
+    unfinished = unfinished_version(name, fingerprint) if earlier is None else None
     if earlier is not None:
         version = str(earlier.version)
         log.info("version %s of %s was registered by an earlier attempt of this flow run: finishing it",
@@ -344,9 +371,15 @@ def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: di
         if champion is not None and str(champion.version) == version:  # and promoted: decided already
             return {"version": int(version), "alias": CHAMPION,
                     "reason": (earlier.tags or {}).get("promotion", "promoted by an earlier attempt")}
+    elif unfinished is not None:
+        version = str(unfinished.version)
+        log.info("version %s of %s holds this model but its registration did not finish: finishing it", version, name)
+        for k, v in lineage.items():  # this run's lineage (its flow run, its dvc.lock)
+            client.set_model_version_tag(name, version, k, str(v))
     else:
         info = log_model(pipeline_dir, background=background)
-        version = str(mlflow.register_model(info.model_uri, name, tags=lineage).version)  # lineage from the start
+        version = str(mlflow.register_model(info.model_uri, name,  # lineage from the start
+                                            tags={**lineage, FINGERPRINT_TAG: fingerprint}).version)
     for k, v in metrics.items():
         if isinstance(v, (int, float)):  # repr: the exact float, so that a tie compares as a tie
             client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", repr(float(v)))
@@ -396,7 +429,7 @@ def _row(v, aliases: dict[str, list[str]]) -> dict:
             "created": v.creation_timestamp, "metrics": version_metrics(v),
             "git_commit": tags.get("git_commit", ""), "git_dirty": tags.get("git_dirty", ""),
             "eval_protocol": tags.get(PROTOCOL_TAG, ""), "eval_protocol_desc": tags.get(PROTOCOL_DESC_TAG, ""),
-            "promotion": tags.get("promotion", ""), "run_id": v.run_id}
+            "promotion": tags.get("promotion", ""), "finished": "promotion" in tags, "run_id": v.run_id}
 
 
 def list_versions(name: str) -> list[dict]:

@@ -286,6 +286,23 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
     assert retried == worse and worse["alias"] == "challenger"
     assert retried_better == better and better["alias"] == CHAMPION
     assert len(client.search_model_versions(f"name='{name}'")) == 6
+
+    # A registration killed after register_model (no metrics, no alias, no promotion): a later run of
+    # the same model, in another flow run or none, finishes that version instead of adding a seventh.
+    from pokesprite.registry import FINGERPRINT_TAG, log_model, model_fingerprint
+
+    with mlflow.start_run(run_name="killed"):
+        info = log_model(model_dir, background=(255, 255, 255))
+        killed = mlflow.register_model(info.model_uri, name, tags={
+            FINGERPRINT_TAG: model_fingerprint(model_dir, (255, 255, 255))}).version
+    listed = run([sys.executable, "-m", "pokesprite.cli", "models", "list", "--name", name], root, env).stdout
+    assert re.search(rf"^{killed}\s+unfinished\s", listed, re.M), listed
+    with mlflow.start_run(run_name="after-the-kill"):
+        finished = register(0.9, "flow-run-c")
+    assert finished["version"] == int(killed) and finished["alias"] == "challenger"
+    assert len(client.search_model_versions(f"name='{name}'")) == 7
+    tags = client.get_model_version(name, killed).tags
+    assert tags["metric.kid"] == "0.9" and tags["prefect_flow_run_id"] == "flow-run-c" and "promotion" in tags
     assert client.get_model_version(name, str(worse["version"])).tags["metric.kid"] == "0.5"
     aliases = client.get_registered_model(name).aliases
     assert int(aliases["challenger"]) == worse["version"] and int(aliases[CHAMPION]) == better["version"]
