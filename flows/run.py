@@ -25,6 +25,19 @@ from pokesprite.config import ConfigError, load_params
 from pokesprite.stage_table import STAGES
 
 
+def configured_api_url() -> str | None:
+    """The Prefect API this process would report to: $PREFECT_API_URL or the active Prefect profile's
+    (``prefect config set PREFECT_API_URL=...``); None when Prefect would start a temporary server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+DVC_PID = "POKESPRITE_DVC_PID"  # the dvc process that started this stage, for the processes it starts
+
+
 def dvc_ancestor(pid: int | None = None) -> int | None:
     """The nearest ancestor process whose command line runs dvc (Linux /proc), or None."""
     pid = os.getppid() if pid is None else pid
@@ -129,17 +142,21 @@ def main(argv=None) -> int:
         print(f"error: {args.stage} runs in one process; run it without torchrun (and POKESPRITE_NPROC)",
               file=sys.stderr)
         return 2
-    if not os.environ.get("PREFECT_API_URL") and not distributed.launched():
+    torchrun = n > 1 and parallel and not distributed.launched()
+    if torchrun and STAGES[args.stage].resumable and (batch := getattr(params, args.stage).train.batch_size) % n:
+        print(f"error: {args.stage}.train.batch_size must be a multiple of POKESPRITE_NPROC ({n}), got {batch}: "
+              "every process takes an equal share of each batch", file=sys.stderr)
+        return 2
+    under_dvc = "DVC_STAGE" in os.environ or "DVC_ROOT" in os.environ
+    if under_dvc and DVC_PID not in os.environ:  # found once, before the processes in between multiply
+        os.environ[DVC_PID] = str(dvc_ancestor() or 0)
+    if not distributed.launched() and not configured_api_url():
         relaunch_under_server(args.stage, args.params)
-    if n > 1 and parallel and not distributed.launched():
-        if STAGES[args.stage].resumable and (batch := getattr(params, args.stage).train.batch_size) % n:
-            print(f"error: {args.stage}.train.batch_size must be a multiple of POKESPRITE_NPROC ({n}), got {batch}: "
-                  "every process takes an equal share of each batch", file=sys.stderr)
-            return 2
+    if torchrun:
         relaunch_under_torchrun(args.stage, args.params, n, restarts=params.prefect.retries)
 
-    dvc = dvc_ancestor() if "DVC_STAGE" in os.environ or "DVC_ROOT" in os.environ else None
-    if dvc is not None:
+    dvc = int(os.environ.get(DVC_PID, "0")) if under_dvc else 0
+    if dvc:
         stop_with(dvc)
     if not is_main_process():
         return follow(args.stage, args.params)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from flows.run import configured_api_url
 
 
 def free_port() -> int:
@@ -81,19 +84,28 @@ def prefect_server(log: Path, env: dict | None = None, timeout: float = 180.0):
         stop(server)
 
 
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128 + N for a child ended by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def run_with_server(command: list[str]) -> int:
-    if os.environ.get("PREFECT_API_URL"):
-        return subprocess.call(command)
+    if configured_api_url():
+        return exit_status(subprocess.call(command))
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
     with tempfile.TemporaryDirectory(prefix="pokesprite-prefect-") as tmp, \
             prefect_server(Path(tmp) / "server.log", timeout=timeout) as api_url:
         print(f"Prefect server for this run: {api_url.removesuffix('/api')} (flow runs live; stopped at the end)",
               flush=True)
         child = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": api_url})
-        try:
-            return child.wait()
-        except KeyboardInterrupt:  # the command got the Ctrl-C too: let it save its work and stop
-            return child.wait()
+        # SIGTERM (kill, timeout, a cancelled CI job) goes to the command, which reports its flow run and
+        # ends; the server is stopped after it. It is in a session of its own, out of reach of the signal.
+        signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+        while True:  # Ctrl-C reaches the command too: it saves its work and stops, however often it is pressed
+            try:
+                return exit_status(child.wait())
+            except KeyboardInterrupt:
+                continue
 
 
 def main(argv=None) -> int:

@@ -3,9 +3,12 @@ command, which every stage reports to, stopped afterwards."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,54 @@ def test_a_server_that_exits_before_it_answers_is_an_error_with_its_log(tmp_path
                                   stdout=out, stderr=subprocess.STDOUT)
     with pytest.raises(RuntimeError, match=r"(?s)exited with status 2.*no database here"):
         wait_until_up(f"http://127.0.0.1:{free_port()}/api/health", server, log, timeout=60)
+
+
+def test_a_prefect_profile_server_is_used_as_it_is(tmp_path):
+    """`prefect config set PREFECT_API_URL=...` counts as much as the environment variable."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    run([str(Path(sys.executable).with_name("prefect")), "config", "set", "PREFECT_API_URL=http://prefect.example:4200/api"],
+        ROOT, env)
+    proc = run([sys.executable, "-m", "flows.server", "--", sys.executable, "-c", "print('ran')"], ROOT, env)
+    assert proc.stdout.strip() == "ran" and "Prefect server for this run" not in proc.stdout
+
+
+PATIENT_CHILD = """
+import os, signal, sys, time
+print(os.environ["PREFECT_API_URL"], flush=True)
+got = []
+signal.signal(signal.SIGINT, lambda *_: got.append("INT"))
+while len(got) < 2:
+    time.sleep(0.05)
+time.sleep(2)  # still saving its work after the second Ctrl-C
+print("done after", got, flush=True)
+sys.exit(5)
+"""
+
+
+def started(cmd: list[str], env: dict, log) -> subprocess.Popen:
+    """``cmd`` in a process group of its own, as a terminal runs it, once its child has printed a line."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    while proc.poll() is None and "/api\n" not in open(log.name).read():
+        time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_twice_and_sigterm_leave_the_server_up_until_the_command_ends(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    with open(tmp_path / "int.log", "w") as log:
+        proc = started([sys.executable, "-m", "flows.server", "--", sys.executable, "-c", PATIENT_CHILD], env, log)
+        for _ in range(2):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.5)
+        assert proc.wait(timeout=60) == 5  # the command's status: it ended first, not the wrapper
+    assert "done after ['INT', 'INT']" in (tmp_path / "int.log").read_text()
+    with open(tmp_path / "term.log", "w") as log:
+        proc = started([sys.executable, "-m", "flows.server", "--", sys.executable, "-c",
+                        "import os, time; print(os.environ['PREFECT_API_URL'], flush=True); time.sleep(120)"], env, log)
+        url = (tmp_path / "term.log").read_text().splitlines()[-1]
+        proc.send_signal(signal.SIGTERM)  # to the wrapper alone, as kill or timeout sends it
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # passed on to the command, which it ended
+    with pytest.raises(OSError):  # and the server stopped after it
+        urllib.request.urlopen(url + "/health", timeout=2)
