@@ -405,6 +405,8 @@ def format_details(name: str, row: dict, other: dict | None = None) -> str:
         return "-" if x is None else f"{x:.6g}"
 
     def table(rows):
+        if not rows:
+            return ["  (none)"]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
