@@ -348,6 +348,17 @@ def unfinished_version(name: str, fingerprint: str):
     return max(found, key=lambda v: int(v.version), default=None)
 
 
+def record_evaluation(name: str, version: str, metrics: dict, protocol: dict | None) -> None:
+    """The metrics (``metric.*`` tags) and the evaluation protocol on a version."""
+    client = mlflow.MlflowClient()
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):  # repr: the exact float, so that a tie compares as a tie
+            client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", repr(float(v)))
+    if protocol:
+        client.set_model_version_tag(name, version, PROTOCOL_TAG, protocol["fingerprint"])
+        client.set_model_version_tag(name, version, PROTOCOL_DESC_TAG, protocol["description"])
+
+
 def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: dict, *,
                        alignment_tolerance: float, background: tuple[int, int, int],
                        protocol: dict | None = None) -> dict:
@@ -376,16 +387,16 @@ def register_evaluated(pipeline_dir: Path, name: str, metrics: dict, lineage: di
         log.info("version %s of %s holds this model but its registration did not finish: finishing it", version, name)
         for k, v in lineage.items():  # this run's lineage (its flow run, its dvc.lock)
             client.set_model_version_tag(name, version, k, str(v))
+        if champion is not None and str(champion.version) == version:  # promoted before the kill: not against itself
+            record_evaluation(name, version, metrics, protocol)
+            why = "promoted by a run that was killed before it recorded why"
+            client.set_model_version_tag(name, version, "promotion", why)
+            return {"version": int(version), "alias": CHAMPION, "reason": why}
     else:
         info = log_model(pipeline_dir, background=background)
         version = str(mlflow.register_model(info.model_uri, name,  # lineage from the start
                                             tags={**lineage, FINGERPRINT_TAG: fingerprint}).version)
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)):  # repr: the exact float, so that a tie compares as a tie
-            client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", repr(float(v)))
-    if protocol:
-        client.set_model_version_tag(name, version, PROTOCOL_TAG, protocol["fingerprint"])
-        client.set_model_version_tag(name, version, PROTOCOL_DESC_TAG, protocol["description"])
+    record_evaluation(name, version, metrics, protocol)
     champion_metrics = version_metrics(champion) if champion else None
     mismatch = protocol_mismatch(protocol, champion) if champion_metrics and "kid" in champion_metrics else None
     promote, why = (False, mismatch) if mismatch else beats(metrics, champion_metrics,

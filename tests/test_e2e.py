@@ -286,6 +286,9 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
     assert retried == worse and worse["alias"] == "challenger"
     assert retried_better == better and better["alias"] == CHAMPION
     assert len(client.search_model_versions(f"name='{name}'")) == 6
+    assert client.get_model_version(name, str(worse["version"])).tags["metric.kid"] == "0.5"
+    aliases = client.get_registered_model(name).aliases
+    assert int(aliases["challenger"]) == worse["version"] and int(aliases[CHAMPION]) == better["version"]
 
     # A registration killed after register_model (no metrics, no alias, no promotion): a later run of
     # the same model, in another flow run or none, finishes that version instead of adding a seventh.
@@ -303,9 +306,20 @@ def test_registry_promotes_a_better_version_only(project, tmp_path):
     assert len(client.search_model_versions(f"name='{name}'")) == 7
     tags = client.get_model_version(name, killed).tags
     assert tags["metric.kid"] == "0.9" and tags["prefect_flow_run_id"] == "flow-run-c" and "promotion" in tags
-    assert client.get_model_version(name, str(worse["version"])).tags["metric.kid"] == "0.5"
+    assert int(client.get_registered_model(name).aliases["challenger"]) == int(killed)  # the alias moved to it
+    # killed after it took the champion alias, before recording why: finished as champion, not against itself
+    with mlflow.start_run(run_name="killed-as-champion"):
+        info = log_model(model_dir, background=(9, 9, 9))
+        champ = mlflow.register_model(info.model_uri, name, tags={
+            FINGERPRINT_TAG: model_fingerprint(model_dir, (9, 9, 9))}).version
+    client.set_registered_model_alias(name, CHAMPION, champ)
+    with mlflow.start_run(run_name="after-the-second-kill"):
+        again = register_evaluated(model_dir, name, {"kid": 0.3, "independent_r_precision": 0.5}, {},
+                                   alignment_tolerance=0.02, background=(9, 9, 9))
+    assert again == {"version": int(champ), "alias": CHAMPION,
+                     "reason": "promoted by a run that was killed before it recorded why"}
     aliases = client.get_registered_model(name).aliases
-    assert int(aliases["challenger"]) == worse["version"] and int(aliases[CHAMPION]) == better["version"]
+    assert int(aliases[CHAMPION]) == int(champ) and int(aliases["challenger"]) == int(killed)
 
     # Exact metrics: the same KID again is a tie, which keeps the champion (a rounded tag once made it win).
     kid = 0.4070195677542847
