@@ -72,7 +72,8 @@ class Curve:
 REFERENCE_KEYS = ("seed", "kid_subsets", "kid_subset_size", "candidates", "scorer_epochs", "scorer_dim")
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("preprocess", stages.run_preprocess, params=("seed", "data", "text"),
+    StageSpec("preprocess", stages.run_preprocess,
+              params=("seed", "data.background", "data.image_size", "data.split", "text"),
               deps=("data",), outs=("outputs/preprocess",)),
     # Each stage lists the keys it reads itself; what preprocess made of `data` reaches the others
     # through outputs/preprocess. The FID/KID reference and the independent scorer read these evaluate

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
 import re
@@ -235,7 +236,9 @@ def test_stage_params_are_exactly_the_listed_keys():
     assert vae["data.augment.hflip_prob"] == 0.5 and vae["data.background"] == [255, 255, 255]
     assert "data.split" not in vae and "data.image_size" not in vae
     readers = [name for name, spec in STAGES.items() if any(k in ("data", "data.augment") for k in spec.params)]
-    assert readers == ["preprocess", "vae"]
+    assert readers == ["vae"]
+    data_keys = {k for spec in STAGES.values() for k in spec.params if k.split(".")[0] == "data"}
+    assert data_keys == {f"data.{f.name}" for f in dataclasses.fields(params.data)}  # every data key has a reader
 
 
 def test_code_hashes_leave_out_byte_code_caches(tmp_path):
