@@ -425,8 +425,8 @@ class MlflowConfig:
 
     def __post_init__(self):
         require(bool(self.experiment.strip()), "experiment", "a name", self.experiment)
-        require(bool(self.registered_model.strip()) and not set("/:") & set(self.registered_model),
-                "registered_model", "a name without '/' or ':' (MLflow's rule)", self.registered_model)
+        require(bool(self.registered_model.strip()) and not set("/:'") & set(self.registered_model),
+                "registered_model", "a name without '/', ':' (MLflow's rule) or \"'\"", self.registered_model)
 
 
 @dataclass(frozen=True)
@@ -511,6 +511,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else \
                 f"; known keys: {', '.join(names)}"
+            if cls is TrainConfig and key in {f.name for f in dataclasses.fields(NetworkTrainConfig)}:
+                hint = f": {key} is a setting of vae.train and diffusion.train only (stage 3 has no use for it)"
             errors.append(f"unknown key {path}{hint}")
             continue
         try:
