@@ -390,13 +390,19 @@ def cmd_models_show(args) -> int:
     return 0
 
 
+def created_at(row: dict) -> str:
+    """A version's creation time (``list_versions``' milliseconds) as local date and minute, or ""."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(row["created"] / 1000).strftime("%Y-%m-%d %H:%M") if row["created"] else ""
+
+
 def format_details(name: str, row: dict, other: dict | None = None) -> str:
     """One version for people: what it is, how it was promoted and evaluated, its lineage, every metric and
     every param; against ``other``, the metrics side by side and only the params that differ."""
-    import datetime as dt
 
     def created(r):
-        return dt.datetime.fromtimestamp(r["created"] / 1000).strftime("%Y-%m-%d %H:%M") if r["created"] else "-"
+        return created_at(r) or "-"
 
     def commit(r):
         return (r["git_commit"][:8] or "-") + (" (uncommitted changes)" if r.get("git_dirty") == "true" else "")
@@ -450,15 +456,13 @@ def format_details(name: str, row: dict, other: dict | None = None) -> str:
 def format_versions(rows: list[dict], metrics: list[str]) -> str:
     """The registered versions as a plain-text table, newest first: aliases, metrics, the evaluation
     protocol's fingerprint (metrics compare only under one) and the commit (``*``: uncommitted changes)."""
-    import datetime as dt
-
     head = ["version", "aliases", "created", *metrics, "protocol", "commit"]
     table = [head]
     for r in rows:
-        created = dt.datetime.fromtimestamp(r["created"] / 1000).strftime("%Y-%m-%d %H:%M") if r["created"] else ""
+        created = created_at(r)
         values = [f"{r['metrics'][m]:.4g}" if m in r["metrics"] else "-" for m in metrics]
         commit = (r["git_commit"][:8] or "-") + ("*" if r.get("git_dirty") == "true" else "")
-        aliases = ",".join(r["aliases"]) or ("-" if r.get("finished", True) else "unfinished")  # killed mid-way
+        aliases = ",".join(r["aliases"]) or ("-" if r["promotion"] else "unfinished")  # no decision: killed mid-way
         table.append([str(r["version"]), aliases, created, *values,
                       r.get("eval_protocol", "")[:6] or "-", commit])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

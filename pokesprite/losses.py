@@ -1,5 +1,5 @@
-"""Training losses: VGG perceptual distance, free-bits KL with its annealed weight, noise prediction, and
-CLIP's contrastive loss with its capped temperature."""
+"""Training losses: VGG perceptual distance, free-bits KL with its annealed weight, noise prediction (CLIP's
+contrastive loss is in ``pokesprite.contrastive``)."""
 from __future__ import annotations
 
 from typing import Callable

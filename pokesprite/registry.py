@@ -440,7 +440,7 @@ def _row(v, aliases: dict[str, list[str]]) -> dict:
             "created": v.creation_timestamp, "metrics": version_metrics(v),
             "git_commit": tags.get("git_commit", ""), "git_dirty": tags.get("git_dirty", ""),
             "eval_protocol": tags.get(PROTOCOL_TAG, ""), "eval_protocol_desc": tags.get(PROTOCOL_DESC_TAG, ""),
-            "promotion": tags.get("promotion", ""), "finished": "promotion" in tags, "run_id": v.run_id}
+            "promotion": tags.get("promotion", ""), "run_id": v.run_id}
 
 
 def list_versions(name: str) -> list[dict]:
